@@ -1,0 +1,162 @@
+"""The configuration: one TOML file, validated in full before anything starts.
+
+Every key has a documented default, so a missing file (or a missing section) is a
+valid configuration. Unknown keys are errors, not warnings: a typo in a limit must
+not silently leave the limit at its default. `load_config` raises `ConfigError` with
+the dotted name of the offending key, which `submitd check-config` and `serve` print.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_DATA_DIR = Path("./submitd-data")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Section):
+    """Where to listen. `submission` speaks STARTTLS (RFC 3207, port 587); `submissions`
+    is implicit TLS (RFC 8314, port 465). Each entry is `host:port` (`[v6]:port`)."""
+
+    submission: list[str] = Field(default_factory=lambda: ["0.0.0.0:587"])
+    submissions: list[str] = Field(default_factory=lambda: ["0.0.0.0:465"])
+
+    @field_validator("submission", "submissions")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            split_host_port(entry)
+        return value
+
+
+class TLSConfig(_Section):
+    """Certificate and key (PEM). Both empty: a self-signed pair is made in data_dir."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    min_version: str = Field(default="1.2", pattern=r"^1\.[23]$")
+
+
+class LimitsConfig(_Section):
+    """Protocol limits; each has a reply code of its own (see smtp/replies.py)."""
+
+    line_length: int = Field(default=512, ge=512, le=65536)  # RFC 5321 4.5.3.1.4 floor
+    recipients: int = Field(default=100, ge=1, le=100000)  # RFC 5321 4.5.3.1.8 floor
+    message_size: int = Field(default=50 * 1024 * 1024, ge=1024)
+    bad_commands: int = Field(default=20, ge=1)
+    idle_timeout: float = Field(default=300.0, gt=0)  # seconds between commands
+    command_timeout: float = Field(default=120.0, gt=0)  # RFC 6409 5.3: answer within 2 min
+
+
+class AuthConfig(_Section):
+    """Password verification. argon2id costs are chosen so one verification is about
+    10-20 ms of one core; the cache spares a client that logs in per message."""
+
+    argon2_time_cost: int = Field(default=2, ge=1)
+    argon2_memory_kib: int = Field(default=19456, ge=8192)  # OWASP's 19 MiB, t=2, p=1
+    argon2_parallelism: int = Field(default=1, ge=1)
+    cache_seconds: float = Field(default=300.0, ge=0)
+    cache_entries: int = Field(default=10000, ge=0)
+
+
+class QueueConfig(_Section):
+    """The durable queue. Bodies up to inline_max are stored in the database and share
+    one durable commit; larger bodies are spooled to files and fsynced one by one."""
+
+    inline_max: int = Field(default=256 * 1024, ge=0)
+    group_commit_max: int = Field(default=256, ge=1)
+
+
+class LogConfig(_Section):
+    level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+    per_client_lines_per_minute: int = Field(default=60, ge=1)  # RFC 6409 5.2
+
+
+class Config(_Section):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    data_dir: Path = DEFAULT_DATA_DIR
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @field_validator("hostname")
+    @classmethod
+    def _check_hostname(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a host name without spaces")
+        return value
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "submitd.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+
+class ConfigError(Exception):
+    """A configuration that must not be started; the message names the key."""
+
+
+def split_host_port(entry: str) -> tuple[str, int]:
+    """`host:port` or `[v6addr]:port` to (host, port); ValueError if malformed."""
+    host, sep, port_text = entry.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ValueError(f"{entry!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{entry!r}: port out of range")
+    return host, port
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def config_from_mapping(data: dict[str, Any], *, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe(error)}") from None
+
+
+def load_config(path: Path | None) -> Config:
+    """The configuration in `path`, or the defaults when path is None."""
+    if path is None:
+        return Config()
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    return config_from_mapping(data, source=str(path))
+
+
+def dev_config() -> Config:
+    """`serve --dev`: everything on loopback, data in ./submitd-data."""
+    return Config(
+        hostname="localhost.localdomain",
+        data_dir=DEFAULT_DATA_DIR,
+        listen=ListenConfig(submission=["127.0.0.1:2587"], submissions=["127.0.0.1:2465"]),
+    )
