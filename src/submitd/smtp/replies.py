@@ -61,6 +61,7 @@ TOO_MANY_ERRORS = reply(421, "4.7.0", "Too many errors, closing connection")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Too many recipients")
 LOCAL_ERROR = reply(451, "4.3.0", "Local error, message not accepted; try again later")
 NO_SPACE = reply(452, "4.3.1", "Insufficient system storage; try again later")
+AUTH_TEMPORARY = reply(454, "4.7.0", "Temporary authentication failure")
 TLS_NOT_AVAILABLE = reply(454, "4.7.0", "TLS not available")
 SHUTTING_DOWN = reply(421, "4.3.2", "Service shutting down")
 

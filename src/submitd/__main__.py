@@ -1,0 +1,3 @@
+from submitd.cli import main
+
+main()

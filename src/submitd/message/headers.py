@@ -1,0 +1,54 @@
+"""Reading the header section of a submitted message, without changing a byte of it.
+
+Only what the acceptance path needs: where the header ends, the values of named fields
+(unfolded, RFC 5322 2.2.3) and the addresses in an address-list field. The message
+itself is never re-serialised: the email package would rewrite line endings and
+folding, and break the client's own signatures (DESIGN principle 4).
+"""
+
+from __future__ import annotations
+
+from email.utils import getaddresses
+
+HEADER_END = b"\r\n\r\n"
+
+
+def header_section(head: bytes) -> bytes:
+    """The header section of a message whose first octets are `head`.
+
+    If the separator is not within `head`, all of `head` is taken as header: a header
+    larger than that is malformed for our purposes and checked elsewhere.
+    """
+    if head.startswith(b"\r\n"):
+        return b""
+    end = head.find(HEADER_END)
+    return head if end < 0 else head[: end + 2]
+
+
+def field_values(header: bytes, name: str) -> list[str]:
+    """Unfolded values of every field called `name` (case-insensitive)."""
+    wanted = name.lower().encode("ascii") + b":"
+    values: list[str] = []
+    current: list[bytes] | None = None
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if current is not None:
+                current.append(line)
+            continue
+        if current is not None:
+            values.append(_unfold(current))
+            current = None
+        if line[: len(wanted)].lower() == wanted:
+            current = [line[len(wanted) :]]
+    if current is not None:
+        values.append(_unfold(current))
+    return values
+
+
+def _unfold(parts: list[bytes]) -> str:
+    return b"".join(parts).decode("utf-8", "replace").strip()
+
+
+def addresses(values: list[str]) -> list[str]:
+    """The addr-specs in address-list values; groups contribute their members."""
+    return [address for _name, address in getaddresses(values) if address]

@@ -1,0 +1,121 @@
+"""Starting and stopping the server: storage, TLS, listeners, signals.
+
+`run` builds every part from the validated configuration, opens the listeners (587-style
+STARTTLS and 465-style implicit TLS, RFC 8314), and serves until SIGTERM or SIGINT.
+On shutdown it stops listening, tells idle sessions 421 4.3.2, gives sessions in the
+middle of a commit a moment to finish, and closes the queue so every acknowledged
+message is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from submitd.auth.passwords import CredentialVerifier
+from submitd.config import Config, split_host_port
+from submitd.smtp.session import AUTH_LINE_MAX, SessionSettings
+from submitd.smtp.transport import ListenerContext, SubmissionProtocol
+from submitd.store.database import connect
+from submitd.store.queue import Queue
+from submitd.submission import Submission
+from submitd.tls import server_context
+
+log = logging.getLogger("submitd.server")
+
+SHUTDOWN_GRACE = 30.0
+
+
+def session_settings(config: Config) -> SessionSettings:
+    limits = config.limits
+    assert limits.line_length <= AUTH_LINE_MAX
+    return SessionSettings(
+        hostname=config.hostname,
+        max_line=limits.line_length,
+        max_recipients=limits.recipients,
+        max_message_size=limits.message_size,
+        max_errors=limits.bad_commands,
+    )
+
+
+def install_event_loop_policy() -> None:
+    """uvloop when installed: less CPU per byte and far less memory per TLS session."""
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop not installed; using the asyncio event loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _open_listeners(
+    config: Config, context: ListenerContext
+) -> list[asyncio.base_events.Server]:
+    loop = asyncio.get_running_loop()
+    servers = []
+    plans: list[tuple[str, bool]] = [(a, False) for a in config.listen.submission]
+    plans += [(a, True) for a in config.listen.submissions]
+    for address, implicit in plans:
+        host, port = split_host_port(address)
+
+        def factory(implicit: bool = implicit) -> SubmissionProtocol:
+            return SubmissionProtocol(context, implicit_tls=implicit)
+
+        server = await loop.create_server(
+            factory,
+            host,
+            port,
+            ssl=context.ssl_context if implicit else None,
+            ssl_handshake_timeout=context.tls_handshake_timeout if implicit else None,
+            reuse_address=True,
+            backlog=1024,
+        )
+        kind = "submissions (implicit TLS)" if implicit else "submission (STARTTLS)"
+        log.info("listening on %s for %s", address, kind)
+        servers.append(server)
+    return servers
+
+
+async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    connect(config.database_path).close()  # create or migrate the schema first
+    queue = Queue(config.database_path, config.spool_dir, config.queue)
+    verifier = CredentialVerifier(config.database_path, config.auth)
+    context = ListenerContext(
+        settings=session_settings(config),
+        ssl_context=server_context(config),
+        submission=Submission(config.hostname, verifier, queue),
+        idle_timeout=config.limits.idle_timeout,
+        command_timeout=config.limits.command_timeout,
+    )
+    servers = await _open_listeners(config, context)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("shutting down")
+    await _shut_down(servers, context)
+    await queue.close()
+    log.info("stopped")
+
+
+async def _shut_down(servers: list[asyncio.base_events.Server], context: ListenerContext) -> None:
+    for server in servers:
+        server.close()
+    deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE
+    while context.sessions and asyncio.get_running_loop().time() < deadline:
+        for protocol in list(context.sessions):
+            protocol.shut_down()
+        await asyncio.sleep(0.05)
+    for protocol in list(context.sessions):
+        if protocol.transport is not None:
+            protocol.transport.abort()
+    for server in servers:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1.0)

@@ -1,0 +1,155 @@
+"""Message content framing for DATA and BDAT, scanned with bytes methods.
+
+The body is never walked line by line in Python: a 50 MiB message would cost seconds of
+CPU. Each received piece is checked with `count`, `find`, `replace` and one anchored
+regular expression, all of which run in C. Lines are tracked across piece boundaries,
+so a CRLF or an over-long line split between two TCP reads is judged correctly.
+
+What is refused, and why:
+- a bare CR or a bare LF (RFC 5321 2.3.8): the root of SMTP smuggling, where another
+  server reads the end of data where we did not;
+- a line over 998 octets plus CRLF, not counting a stuffed dot (RFC 5321 4.5.3.1.6);
+- more octets than the size limit (RFC 1870); the rest is read and dropped, never kept.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+MAX_LINE = 998  # octets before CRLF, RFC 5321 4.5.3.1.6
+
+# A line start followed by MAX_LINE + 1 octets that are not line endings. Anchored at line
+# starts, so the scan is linear in the size of the data.
+_LONG_LINE = re.compile(rb"(?m)^[^\r\n]{%d}" % (MAX_LINE + 1))
+
+DATA_END = b"\r\n.\r\n"
+
+
+class BodyProblem(Enum):
+    BARE_LINE_ENDING = "bare CR or LF"
+    LINE_TOO_LONG = "line too long"
+    TOO_BIG = "message too big"
+
+
+class LineChecker:
+    """Checks CRLF discipline and line length over a stream of pieces.
+
+    `binary` turns the checks off: BODY=BINARYMIME content is arbitrary octets
+    (RFC 3030 3). The size limit applies always.
+    """
+
+    def __init__(self, max_size: int, *, binary: bool = False) -> None:
+        self.max_size = max_size
+        self.binary = binary
+        self.size = 0
+        self.problem: BodyProblem | None = None
+        self._line_length = 0  # octets of the current, unfinished line
+        self._pending_cr = False  # the previous piece ended with CR
+
+    def feed(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.problem is not None:
+            return
+        if self.size > self.max_size:
+            self.problem = BodyProblem.TOO_BIG
+            return
+        if self.binary or not piece:
+            return
+        if self._has_bare_line_ending(piece):
+            self.problem = BodyProblem.BARE_LINE_ENDING
+        elif self._has_long_line(piece):
+            self.problem = BodyProblem.LINE_TOO_LONG
+
+    def finish(self) -> BodyProblem | None:
+        """The verdict at the end of the content; a trailing lone CR is bare."""
+        if self.problem is None and self._pending_cr and not self.binary:
+            self.problem = BodyProblem.BARE_LINE_ENDING
+        return self.problem
+
+    def _has_bare_line_ending(self, piece: bytes) -> bool:
+        joined = 1 if self._pending_cr and piece[:1] == b"\n" else 0
+        if self._pending_cr and not joined:
+            return True
+        crlf = piece.count(b"\r\n") + joined
+        self._pending_cr = piece[-1:] == b"\r"
+        lone_cr = piece.count(b"\r") - (crlf - joined) - (1 if self._pending_cr else 0)
+        lone_lf = piece.count(b"\n") - crlf
+        return lone_cr > 0 or lone_lf > 0
+
+    def _has_long_line(self, piece: bytes) -> bool:
+        first_lf = piece.find(b"\n")
+        if first_lf < 0:
+            self._line_length += len(piece) - (1 if self._pending_cr else 0)
+            return self._line_length > MAX_LINE
+        # The line that began in earlier pieces ends here (its CR is at first_lf - 1).
+        if self._line_length + max(first_lf - 1, 0) > MAX_LINE:
+            return True
+        self._line_length = len(piece) - piece.rfind(b"\n") - 1 - (1 if self._pending_cr else 0)
+        if self._line_length > MAX_LINE:
+            return True
+        return _LONG_LINE.search(piece, first_lf + 1) is not None
+
+
+class DataReader:
+    """Frames DATA content: finds the end marker, removes dot-stuffing (RFC 5321 4.5.2).
+
+    `feed` returns the unstuffed content found in a piece and, once the end marker has
+    been seen, the octets that follow it (pipelined commands, RFC 2920). Only complete
+    lines are consumed; a partial line waits for the next piece, bounded by the line
+    limit so that a client cannot make us buffer an endless line.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.checker = LineChecker(max_size)
+        self._tail = b""  # an unfinished line
+        self._at_line_start = True
+        self.done = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """(content, rest): rest is None until the end of data has been found."""
+        buffer = self._tail + data if self._tail else data
+        last_lf = buffer.rfind(b"\n")
+        if last_lf < 0:
+            self._keep_tail(buffer)
+            return b"", None
+        lines, self._tail = buffer[: last_lf + 1], buffer[last_lf + 1 :]
+        end = self._find_end(lines)
+        if end is not None:
+            content, rest = lines[:end], lines[end + 3 :] + self._tail
+            self._tail = b""
+            self.done = True
+            return self._unstuff(content), rest
+        content = self._unstuff(lines)
+        self._at_line_start = True
+        self._keep_tail(self._tail)
+        return content, None
+
+    def _find_end(self, lines: bytes) -> int | None:
+        """Offset of the terminating ".\r\n" line within `lines`, if it is there."""
+        if self._at_line_start and lines.startswith(b".\r\n"):
+            return 0
+        found = lines.find(DATA_END)
+        return None if found < 0 else found + 2
+
+    def _unstuff(self, lines: bytes) -> bytes:
+        if not lines:
+            return b""
+        starts_with_dot = self._at_line_start and lines[:1] == b"."
+        content = lines.replace(b"\n.", b"\n")
+        if starts_with_dot:
+            content = content[1:]
+        self.checker.feed(content)
+        return content
+
+    def _keep_tail(self, tail: bytes) -> None:
+        """Keep a partial line, unless it is already too long to be valid."""
+        if len(tail) <= MAX_LINE + 2:
+            self._tail = tail
+            return
+        # Over-long: count it as content (for the size limit and the line verdict) and
+        # keep only a trailing CR, which may begin the CRLF of the end marker.
+        keep = 1 if tail.endswith(b"\r") else 0
+        self.checker.feed(tail[: len(tail) - keep])
+        self._tail = tail[len(tail) - keep :]
+        self._at_line_start = False
