@@ -106,13 +106,25 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> N
 
 
 async def _shut_down(servers: list[asyncio.base_events.Server], context: ListenerContext) -> None:
+    """Stop listening, say 421 to every session as soon as it is idle, then wait.
+
+    A session in the middle of a commit is left to finish it (its 250 must not be lost);
+    a closed TLS session may wait for the client's close_notify, which we do not.
+    """
     for server in servers:
         server.close()
-    deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE
-    while context.sessions and asyncio.get_running_loop().time() < deadline:
-        for protocol in list(context.sessions):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SHUTDOWN_GRACE
+    while loop.time() < deadline:
+        open_sessions = [p for p in context.sessions if not p.session.closed]
+        if not open_sessions:
+            break
+        for protocol in open_sessions:
             protocol.shut_down()
         await asyncio.sleep(0.05)
+    for protocol in list(context.sessions):
+        protocol.shut_down(force=True)
+    await asyncio.sleep(0.05)  # let the last replies reach the sockets
     for protocol in list(context.sessions):
         if protocol.transport is not None:
             protocol.transport.abort()

@@ -259,9 +259,10 @@ class SubmissionProtocol(asyncio.Protocol):
         log.info("session=%s idle timeout", self.session_id)
         self._carry_out(self.session.timeout())
 
-    def shut_down(self) -> None:
-        """Server shutdown: say 421 4.3.2 and close (RFC 5321 3.8)."""
-        if not self.session.waiting:
+    def shut_down(self, *, force: bool = False) -> None:
+        """Server shutdown: say 421 4.3.2 and close (RFC 5321 3.8), once the session is
+        between transactions; `force` does it even in the middle of one."""
+        if force or not (self.session.waiting or self.session.in_transaction):
             self._carry_out(self.session.shutdown())
 
     # ---------------------------------------------------------------- helpers
