@@ -7,6 +7,7 @@ so protocol tests speak through this instead.
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import ssl
 
@@ -63,10 +64,8 @@ class RawClient:
         return self
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 def code_of(reply: tuple[int, str]) -> str:

@@ -32,9 +32,7 @@ def _submit_until_killed(
                 f"From: alice@example.org\r\nSubject: crash {number}-{sequence}\r\n\r\n".encode()
                 + (b"z" * 70 + b"\r\n") * (size // 72)
             )
-            client.send(
-                b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
-            )
+            client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")
             for _ in range(3):
                 client.read_reply()
             client.send(body + b".\r\n")

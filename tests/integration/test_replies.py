@@ -27,8 +27,16 @@ def test_greeting_and_extensions(shared_server: RunningServer) -> None:
     assert code == 250
     advertised = text.split("\n")[1:]
     assert "STARTTLS" in advertised and not any(a.startswith("AUTH") for a in advertised)
-    for extension in ("PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8",
-                      "CHUNKING", "BINARYMIME", "DSN", "SIZE 52428800"):
+    for extension in (
+        "PIPELINING",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "SMTPUTF8",
+        "CHUNKING",
+        "BINARYMIME",
+        "DSN",
+        "SIZE 52428800",
+    ):
         assert extension in advertised
     assert not {"ETRN", "ATRN"} & set(advertised)  # RFC 6409 table 1
     raw.starttls()
@@ -155,7 +163,9 @@ def test_data_replies(client: RawClient, body: bytes, expected: str) -> None:
     assert code_of(client.command("NOOP")) == "250 2.0.0"  # still in sync
 
 
-def test_smuggled_end_of_data_is_not_an_end(client: RawClient, shared_server: RunningServer) -> None:
+def test_smuggled_end_of_data_is_not_an_end(
+    client: RawClient, shared_server: RunningServer
+) -> None:
     body = b"From: alice@example.org\r\n\r\nhi\n.\nMAIL FROM:<alice@example.org>\r\n.\r\n"
     assert code_of(send_data(client, body)) == "554 5.6.0"
     assert code_of(client.command("NOOP")) == "250 2.0.0"

@@ -79,8 +79,16 @@ def test_ehlo_before_tls_offers_starttls_not_auth() -> None:
     session = Session(SETTINGS, tls=False)
     text = sent(session.receive_data(b"EHLO c.example.org\r\n")).decode()
     assert "250-STARTTLS" in text and "AUTH" not in text
-    for ext in ("PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "SIZE 10000",
-                "CHUNKING", "BINARYMIME", "DSN"):
+    for ext in (
+        "PIPELINING",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "SMTPUTF8",
+        "SIZE 10000",
+        "CHUNKING",
+        "BINARYMIME",
+        "DSN",
+    ):
         assert ext in text
     assert "ETRN" not in text and "ATRN" not in text
 
@@ -157,7 +165,10 @@ def test_whole_transaction_in_one_write() -> None:
     assert content(events) == b"Subject: hi\r\n\r\n.dot\r\nbody\r\n"
     assert isinstance(events[-1], MessageEnd)
     begin = next(e for e in events if isinstance(e, MessageBegin))
-    assert [r.address for r in begin.envelope.recipients] == ["bob@example.net", "carol@example.net"]
+    assert [r.address for r in begin.envelope.recipients] == [
+        "bob@example.net",
+        "carol@example.net",
+    ]
     assert begin.envelope.recipients[0].notify == ("SUCCESS", "FAILURE")
     assert begin.envelope.recipients[0].orcpt == "rfc822;bob+1@example.net"
     assert session.receive_data(b"NOOP\r\n") == []  # held while committing

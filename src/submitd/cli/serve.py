@@ -13,7 +13,8 @@ from submitd.auth.passwords import PasswordHasher
 from submitd.cli.common import config_option, load_or_exit
 from submitd.config import Config, dev_config
 from submitd.observe.logging import configure_logging
-from submitd.server import install_event_loop_policy, serve as run_server
+from submitd.server import install_event_loop_policy
+from submitd.server import serve as run_server
 from submitd.store.database import connect
 from submitd.store.users import UserStore
 

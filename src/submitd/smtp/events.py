@@ -63,4 +63,6 @@ class MessageAbort:
     """Discard the content received so far (too big, malformed, or transaction reset)."""
 
 
-Event = Send | StartTLS | Close | Authenticate | MessageBegin | MessageChunk | MessageEnd | MessageAbort
+Event = (
+    Send | StartTLS | Close | Authenticate | MessageBegin | MessageChunk | MessageEnd | MessageAbort
+)

@@ -76,7 +76,9 @@ AUTH_CANCELLED = reply(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = reply(501, "5.5.2", "Cannot decode base64")
 AUTH_MECH_UNKNOWN = reply(504, "5.5.4", "Unrecognized authentication mechanism")
 AUTH_FAILED = reply(535, "5.7.8", "Authentication credentials invalid")
-AUTH_ENCRYPTION_REQUIRED = reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_ENCRYPTION_REQUIRED = reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")  # RFC 6409 4.3
 TLS_REQUIRED = reply(530, "5.7.0", "Must issue a STARTTLS command first")
 SENDER_NOT_OWNED = reply(550, "5.7.1", "Sender address not owned by the authenticated user")

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -171,7 +172,7 @@ class SubmissionProtocol(asyncio.Protocol):
         elif not transport.is_reading():
             transport.resume_reading()
 
-    def _spawn(self, coroutine: asyncio.coroutines.Coroutine[None, None, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[None, None, None]) -> None:
         task = self._loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -183,9 +184,7 @@ class SubmissionProtocol(asyncio.Protocol):
         assert transport is not None
         try:
             tls_transport = await asyncio.wait_for(
-                self._loop.start_tls(
-                    transport, self, self.context.ssl_context, server_side=True
-                ),
+                self._loop.start_tls(transport, self, self.context.ssl_context, server_side=True),
                 self.context.tls_handshake_timeout,
             )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh Debian machine (as root), then
+# runs the linters and the tests. README's second quickstart command; .ci/run runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+APT_PACKAGES=(swaks msmtp curl ca-certificates)
+missing=()
+# Node.js and npm (for nodemailer) come with this kind of machine; Debian's otherwise.
+command -v npm >/dev/null || missing+=(nodejs npm)
+for package in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+python3 -m pip install -q -e '.[test]'
+if [ -f tests/interop/node/package-lock.json ]; then
+    npm ci --prefix tests/interop/node --no-audit --no-fund --loglevel=error
+fi
+
+ruff check src tests bench
+ruff format --check src tests bench
+mypy
+# pytest exits 5 when it collected no tests: that is a failure here too.
+python3 -m pytest "$@"
