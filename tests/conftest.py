@@ -101,12 +101,12 @@ class RunningServer:
         return result.stdout
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "submitd", "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=log,
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "submitd", "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+            )
         wait_for_port(self.starttls_port, self.process)
         wait_for_port(self.tls_port, self.process)
 

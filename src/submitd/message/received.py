@@ -9,7 +9,8 @@ recipient.
 
 from __future__ import annotations
 
-from email.utils import formatdate
+import datetime
+from email.utils import format_datetime
 
 from submitd.envelope import SessionInfo
 
@@ -43,5 +44,6 @@ def received_field(
     if info.tls_version:
         lines.append(f"\t({info.tls_version} cipher {info.tls_cipher})")
     lines[-1] += ";"
-    lines.append(f"\t{formatdate(now, localtime=False, usegmt=False)}")
+    stamp = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    lines.append(f"\t{format_datetime(stamp)}")  # "+0000": UTC, known (RFC 5322 3.3)
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
