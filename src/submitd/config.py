@@ -75,6 +75,55 @@ class QueueConfig(_Section):
     group_commit_max: int = Field(default=256, ge=1)
 
 
+class CleanupConfig(_Section):
+    """Header checks and fix-ups of RFC 6409 section 8, applied before the commit."""
+
+    remove_bcc: bool = True
+    keep_original_date: bool = False  # keep a replaced Date: as X-Original-Date:
+    max_header_fields: int = Field(default=500, ge=10)
+    max_header_size: int = Field(default=256 * 1024, ge=1024)
+    forbidden_fields: list[str] = Field(default_factory=list)  # present: 554 5.7.1
+    strip_fields: list[str] = Field(default_factory=list)  # removed silently
+    rewrite: list[tuple[str, str]] = Field(default_factory=list)  # RFC 6409 8.8 maps
+    single_label_domain: str | None = None  # RFC 6409 4.2: expand bob@sales, if verified
+    received_privacy: bool = False  # leave client IP and EHLO name out of Received
+    repair_8bit: bool = False  # RFC 6409 8.4: encode 8-bit parts declared 7BIT
+
+
+class DkimKeyConfig(_Section):
+    domain: str
+    selector: str
+    key: Path  # PEM PKCS#8 private key (rsa or ed25519), from `submitd dkim keygen`
+
+
+class DkimConfig(_Section):
+    """Signing keys per From: domain; several per domain (rsa and ed25519) allowed."""
+
+    keys: list[DkimKeyConfig] = Field(default_factory=list)
+
+
+class UserPolicy(_Section):
+    """Per-user limits (RFC 6409 6.2, 6.3); None inherits the site default."""
+
+    messages_per_hour: int | None = Field(default=None, ge=0)
+    recipients_per_message: int | None = Field(default=None, ge=1)
+    recipients_per_day: int | None = Field(default=None, ge=0)
+    max_message_size: int | None = Field(default=None, ge=1024)
+    recipient_domains: list[str] | None = None  # only these domains (550 5.7.1)
+
+
+class PolicyConfig(_Section):
+    """Site defaults for every user, and overrides by login under [policy.users]."""
+
+    messages_per_hour: int = Field(default=1000, ge=0)  # 0: no limit
+    recipients_per_message: int = Field(default=100, ge=1)
+    recipients_per_day: int = Field(default=5000, ge=0)  # 0: no limit
+    max_message_size: int = Field(default=50 * 1024 * 1024, ge=1024)
+    recipient_domains: list[str] | None = None
+    rejection_log_per_minute: int = Field(default=30, ge=1)  # RFC 6409 5.2, bounded
+    users: dict[str, UserPolicy] = Field(default_factory=dict)
+
+
 class LogConfig(_Section):
     level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     per_client_lines_per_minute: int = Field(default=60, ge=1)  # RFC 6409 5.2
@@ -88,6 +137,9 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     queue: QueueConfig = Field(default_factory=QueueConfig)
+    cleanup: CleanupConfig = Field(default_factory=CleanupConfig)
+    dkim: DkimConfig = Field(default_factory=DkimConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @field_validator("hostname")
