@@ -273,16 +273,18 @@ class Queue:
         return SpoolWriter(queue_id, self._spool_dir, self._config.inline_max)
 
     async def commit(self, writer: SpoolWriter, envelope: Envelope, session: SessionInfo) -> None:
-        """Return once the message is durable; StorageFull or StorageError otherwise."""
+        """Return once the message is durable; StorageFull or StorageError otherwise.
+
+        If the caller is cancelled while waiting, the commit still completes: the
+        message is then queued without its 250 having been sent, the ordinary SMTP
+        duplicate risk (RFC 1047), never a loss.
+        """
+        envelope_json = json.dumps(envelope.to_json())
+        session_json = json.dumps(asdict(session))
         writer._seal()
         loop = asyncio.get_running_loop()
         item = _Pending(
-            writer,
-            time.time(),
-            json.dumps(envelope.to_json()),
-            json.dumps(asdict(session)),
-            loop,
-            loop.create_future(),
+            writer, time.time(), envelope_json, session_json, loop, loop.create_future()
         )
         with self._wakeup:
             if self._closing:
