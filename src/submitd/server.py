@@ -101,7 +101,7 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> N
     await stop.wait()
     log.info("shutting down")
     await _shut_down(servers, context)
-    await verifier.close()
+    await asyncio.to_thread(verifier.close)
     await queue.close()
     log.info("stopped")
 

@@ -60,6 +60,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             envelope TEXT NOT NULL,
             session TEXT NOT NULL,
             size INTEGER NOT NULL,
+            prefix BLOB NOT NULL DEFAULT x'',
             body BLOB NULL,
             body_path TEXT NULL,
             CHECK ((body IS NULL) <> (body_path IS NULL))

@@ -47,6 +47,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,22 @@ class SpoolWriter:
             raise storage_error(error) from error
         self._size += len(view)
 
+    def content_chunks(self, start: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """What was written so far, from offset `start`, in pieces (before commit).
+
+        For a spilled body this reads the spool file back, so call it from a thread.
+        """
+        if not self._spilled:
+            view = memoryview(self._buffer)
+            for offset in range(start, len(view), chunk_size):
+                yield bytes(view[offset : offset + chunk_size])
+            return
+        self._flush()
+        with open(self._temp_path, "rb") as handle:
+            handle.seek(start)
+            while piece := handle.read(chunk_size):
+                yield piece
+
     def abort(self) -> None:
         """Discard the message; a no-op once it was handed to commit."""
         if self._open:
@@ -243,12 +260,13 @@ class _Pending:
     session: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
+    prefix: bytes = b""
     body: bytearray | None = None
     body_path: str | None = None
 
 
-_INSERT = """INSERT INTO queue (id, created, envelope, session, size, body, body_path)
-             VALUES (?, ?, ?, ?, ?, ?, ?)"""
+_INSERT = """INSERT INTO queue (id, created, envelope, session, size, prefix, body, body_path)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)"""
 
 
 class Queue:
@@ -272,8 +290,19 @@ class Queue:
     def open_message(self, queue_id: str) -> SpoolWriter:
         return SpoolWriter(queue_id, self._spool_dir, self._config.inline_max)
 
-    async def commit(self, writer: SpoolWriter, envelope: Envelope, session: SessionInfo) -> None:
+    async def commit(
+        self,
+        writer: SpoolWriter,
+        envelope: Envelope,
+        session: SessionInfo,
+        *,
+        prefix: bytes = b"",
+    ) -> None:
         """Return once the message is durable; StorageFull or StorageError otherwise.
+
+        `prefix` holds the header fields added on top once the content was complete
+        (trace, signatures): the stored message is prefix + what the writer holds, so
+        a spooled body never has to be rewritten to gain a field.
 
         If the caller is cancelled while waiting, the commit still completes: the
         message is then queued without its 250 having been sent, the ordinary SMTP
@@ -284,7 +313,7 @@ class Queue:
         writer._seal()
         loop = asyncio.get_running_loop()
         item = _Pending(
-            writer, time.time(), envelope_json, session_json, loop, loop.create_future()
+            writer, time.time(), envelope_json, session_json, loop, loop.create_future(), prefix
         )
         with self._wakeup:
             if self._closing:
@@ -371,7 +400,8 @@ class Queue:
                 item.created,
                 item.envelope,
                 item.session,
-                item.writer.size,
+                len(item.prefix) + item.writer.size,
+                item.prefix,
                 item.body,
                 item.body_path,
             )
@@ -467,13 +497,15 @@ def get_message(conn: sqlite3.Connection, queue_id: str) -> QueuedMessage | None
 
 def read_message_bytes(conn: sqlite3.Connection, queue_id: str) -> bytes:
     """The message exactly as received; UnknownMessage if there is no such id."""
-    row = conn.execute("SELECT body, body_path FROM queue WHERE id = ?", (queue_id,)).fetchone()
+    row = conn.execute(
+        "SELECT prefix, body, body_path FROM queue WHERE id = ?", (queue_id,)
+    ).fetchone()
     if row is None:
         raise UnknownMessage(queue_id)
-    body, body_path = row
+    prefix, body, body_path = row
     if body is not None:
-        return bytes(body)
-    return (_database_dir(conn) / str(body_path)).read_bytes()
+        return bytes(prefix) + bytes(body)
+    return bytes(prefix) + (_database_dir(conn) / str(body_path)).read_bytes()
 
 
 def _database_dir(conn: sqlite3.Connection) -> Path:
