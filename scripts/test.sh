@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PACKAGES=(swaks libnet-ssleay-perl msmtp curl ca-certificates)
+APT_PACKAGES=(swaks libnet-ssleay-perl msmtp curl ca-certificates dnsmasq-base opendkim-tools)
 missing=()
 # Node.js and npm (for nodemailer) come with this kind of machine; Debian's otherwise.
 command -v npm >/dev/null || missing+=(nodejs npm)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from submitd.auth.passwords import CredentialVerifier
 from submitd.config import Config, split_host_port
+from submitd.policy.limits import RateLimiter
 from submitd.smtp.session import AUTH_LINE_MAX, SessionSettings
 from submitd.smtp.transport import ListenerContext, SubmissionProtocol
 from submitd.store.database import connect
@@ -84,10 +85,13 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> N
     connect(config.database_path).close()  # create or migrate the schema first
     queue = Queue(config.database_path, config.spool_dir, config.queue)
     verifier = CredentialVerifier(config.database_path, config.auth)
+    limiter = RateLimiter(
+        config.database_path, config.policy, postmaster=f"postmaster@{config.hostname}"
+    )
     context = ListenerContext(
         settings=session_settings(config),
         ssl_context=server_context(config),
-        submission=Submission(config.hostname, verifier, queue),
+        submission=Submission(config, verifier, queue, limiter),
         idle_timeout=config.limits.idle_timeout,
         command_timeout=config.limits.command_timeout,
     )
@@ -102,6 +106,7 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> N
     log.info("shutting down")
     await _shut_down(servers, context)
     await asyncio.to_thread(verifier.close)
+    await limiter.close()
     await queue.close()
     log.info("stopped")
 

@@ -4,25 +4,41 @@ The SMTP session knows only SMTP; the storage knows only rows and files. This mo
 the one place that knows the stages in order:
 
 1. authenticate a login (argon2 in a thread, with a short cache);
-2. judge the envelope sender (RFC 6409 6.1) through the `Principal` handed to the session;
-3. stream the content to the spool, behind a Received field;
-4. at the end, judge the From: header against the user's addresses (RFC 6409 6.1);
-5. commit the message and envelope durably, and only then answer 250.
+2. judge MAIL and RCPT for that user: sender rights (RFC 6409 6.1), rate and recipient
+   limits (6.2, 6.3), through the `Principal` handed to the session;
+3. stream the content: the header is cleaned up (section 8) before it reaches the
+   spool, the body passes through untouched;
+4. at the end: From: rights, 8-bit rules, the per-user size, then DKIM signing;
+5. commit message and envelope durably, with the trace and signatures on top, and
+   only then answer 250.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from submitd.auth.passwords import CredentialVerifier
-from submitd.envelope import Envelope, SessionInfo
-from submitd.message.headers import addresses, field_values, header_section
+from submitd.config import Config
+from submitd.envelope import Envelope, Recipient, SessionInfo
+from submitd.message.cleanup import (
+    CleanupContext,
+    CleanupRejection,
+    CleanupSettings,
+    clean_header,
+    rewrite_address,
+)
+from submitd.message.dkim import SigningKey, load_signing_key, sign
+from submitd.message.draft import Draft, Rejection
+from submitd.message.headers import addresses, field_values
 from submitd.message.received import received_field
+from submitd.policy.limits import RateLimiter, RejectionLog
 from submitd.smtp import replies as R
 from submitd.smtp.replies import Reply
-from submitd.store.queue import Queue, SpoolWriter, StorageFull, new_queue_id
+from submitd.store.queue import Queue, StorageFull, new_queue_id
 from submitd.store.users import User, may_send_as
 
 log = logging.getLogger("submitd.submission")
@@ -30,91 +46,198 @@ log = logging.getLogger("submitd.submission")
 _HEADER_FROM_NOT_OWNED = R.reply(
     550, "5.7.1", "From: header address not owned by the authenticated user"
 )
+_NOT_8BIT = R.reply(554, "5.6.0", "Message has 8-bit data but was declared 7BIT; use BODY=8BITMIME")
+_INLINE_SIGNING_MAX = 64 * 1024  # sign smaller messages on the loop, larger in a thread
 
 
 @dataclass(frozen=True, slots=True)
 class AuthenticatedUser:
-    """The `Principal` of an authenticated session: judges addresses for the session."""
+    """The `Principal` of an authenticated session: judges its MAIL and RCPT."""
 
     user: User
+    limiter: RateLimiter
+    rejections: RejectionLog
 
     @property
     def login(self) -> str:
         return self.user.login
 
-    def check_sender(self, address: str) -> Reply | None:
-        return None if may_send_as(self.user, address) else R.SENDER_NOT_OWNED
+    def check_mail(self, sender: str, declared_size: int | None) -> Reply | None:
+        refusal = None if may_send_as(self.user, sender) else R.SENDER_NOT_OWNED
+        now = time.time()
+        if refusal is None and declared_size is not None:
+            refusal = self.limiter.check_size(self.login, declared_size)
+        if refusal is None:
+            refusal = self.limiter.check_message(self.login, now)
+        return self._logged("mail", refusal, now)
 
-    def check_recipient(self, address: str) -> Reply | None:
-        return None
+    def check_recipient(self, address: str, accepted: int) -> Reply | None:
+        now = time.time()
+        refusal = self.limiter.check_recipient(self.login, address, accepted, now)
+        return self._logged("rcpt", refusal, now)
 
-
-@dataclass(slots=True)
-class Draft:
-    """A message being received: its envelope, where its octets go, and who sent it."""
-
-    envelope: Envelope
-    writer: SpoolWriter
-
-    @property
-    def queue_id(self) -> str:
-        return self.writer.queue_id
+    def _logged(self, rule: str, refusal: Reply | None, now: float) -> Reply | None:
+        if refusal is not None:
+            self.rejections.log(self.login, rule, refusal, now)  # RFC 6409 5.2
+        return refusal
 
 
 class Submission:
-    def __init__(self, hostname: str, verifier: CredentialVerifier, queue: Queue) -> None:
-        self.hostname = hostname
+    def __init__(
+        self,
+        config: Config,
+        verifier: CredentialVerifier,
+        queue: Queue,
+        limiter: RateLimiter,
+    ) -> None:
+        self.config = config
+        self.hostname = config.hostname
         self.verifier = verifier
         self.queue = queue
+        self.limiter = limiter
+        self.rejections = RejectionLog(config.policy.rejection_log_per_minute)
+        self.cleanup = _cleanup_settings(config)
+        self.keys = _signing_keys(config)
+        self._unsigned_domains: set[str] = set()
 
     async def authenticate(self, login: str, password: str) -> AuthenticatedUser | None:
         user = await self.verifier.verify(login, password)
-        return None if user is None else AuthenticatedUser(user)
+        if user is None:
+            return None
+        return AuthenticatedUser(user, self.limiter, self.rejections)
 
-    def begin(self, envelope: Envelope, info: SessionInfo) -> Draft:
+    def begin(self, envelope: Envelope, principal: AuthenticatedUser) -> Draft:
         queue_id = new_queue_id()
-        writer = self.queue.open_message(queue_id)
-        trace = received_field(
-            info,
-            hostname=self.hostname,
-            queue_id=queue_id,
+        context = CleanupContext(
+            login=principal.login,
+            owns=lambda address: may_send_as(principal.user, address),
+            is_local_user=self.verifier.is_user,
             smtputf8=envelope.smtputf8,
             now=time.time(),
+            unique=queue_id,
         )
-        writer.write(trace)
-        return Draft(envelope, writer)
+
+        def clean(header: bytes) -> bytes:
+            try:
+                return clean_header(header, context, self.cleanup).header
+            except CleanupRejection as rejection:
+                raise Rejection(rejection.reply) from None
+
+        return Draft(
+            envelope,
+            self.queue.open_message(queue_id),
+            clean,
+            self.config.cleanup.max_header_size,
+        )
 
     async def finish(self, draft: Draft, principal: AuthenticatedUser, info: SessionInfo) -> Reply:
-        """Judge the content, then commit; the reply is what the client is told."""
-        refusal = self._check_header_from(draft, principal.user)
+        """Judge the content, sign it, commit it; the reply is what the client is told."""
+        refusal = draft.finish() or self._check_content(draft, principal)
         if refusal is not None:
-            draft.writer.abort()
-            log.info("session=%s rejected: %s %s", info.session_id, refusal.code, refusal.text)
+            draft.abort()
+            self.rejections.log(principal.login, "content", refusal, time.time())
             return refusal
+        envelope = self._rewritten(draft.envelope)
         try:
-            await self.queue.commit(draft.writer, draft.envelope, info)
+            signatures = await self._signatures(draft)
+            trace = received_field(
+                info,
+                hostname=self.hostname,
+                queue_id=draft.queue_id,
+                smtputf8=envelope.smtputf8,
+                now=time.time(),
+                private=self.config.cleanup.received_privacy,
+            )
+            await self.queue.commit(draft.writer, envelope, info, prefix=trace + signatures)
         except StorageFull:
             log.error("session=%s queue=%s: storage full", info.session_id, draft.queue_id)
+            draft.abort()
             return R.NO_SPACE
         except Exception:
-            log.exception("session=%s queue=%s: commit failed", info.session_id, draft.queue_id)
+            log.exception("session=%s queue=%s: not accepted", info.session_id, draft.queue_id)
+            draft.abort()
             return R.LOCAL_ERROR
+        await self.limiter.record_message(principal.login, len(envelope.recipients), time.time())
         log.info(
-            "session=%s queue=%s accepted from=<%s> rcpts=%d size=%d",
+            "session=%s queue=%s accepted user=%s from=<%s> rcpts=%d size=%d",
             info.session_id,
             draft.queue_id,
-            draft.envelope.sender,
-            len(draft.envelope.recipients),
+            principal.login,
+            envelope.sender,
+            len(envelope.recipients),
             draft.writer.size,
         )
         return R.reply(250, "2.0.0", f"Ok: queued as {draft.queue_id}")
 
-    def _check_header_from(self, draft: Draft, user: User) -> Reply | None:
-        """RFC 6409 6.1: the From: header must name the user's own addresses."""
-        if user.relaxed_header_from:
+    def _check_content(self, draft: Draft, principal: AuthenticatedUser) -> Reply | None:
+        assert draft.header is not None
+        # RFC 6152 / RFC 6409 8.4: 8-bit octets need BODY=8BITMIME (or BINARYMIME).
+        if draft.eight_bit and draft.envelope.body == "7BIT":
+            return _NOT_8BIT
+        refusal = self.limiter.check_size(principal.login, draft.writer.size)
+        if refusal is not None:
+            return refusal
+        # RFC 6409 6.1: the From: header names the user's own addresses.
+        if principal.user.relaxed_header_from:
             return None
-        header = header_section(draft.writer.head())
-        for address in addresses(field_values(header, "From")):
-            if not may_send_as(user, address):
+        for address in addresses(field_values(draft.header, "From")):
+            if not may_send_as(principal.user, address):
                 return _HEADER_FROM_NOT_OWNED
         return None
+
+    def _rewritten(self, envelope: Envelope) -> Envelope:
+        """RFC 6409 8.8: the configured address maps apply to the envelope too."""
+        rules = self.cleanup.rewrite
+        if not rules:
+            return envelope
+        envelope.sender = rewrite_address(envelope.sender, rules) if envelope.sender else ""
+        envelope.recipients = [
+            Recipient(rewrite_address(r.address, rules), r.notify, r.orcpt)
+            for r in envelope.recipients
+        ]
+        return envelope
+
+    async def _signatures(self, draft: Draft) -> bytes:
+        """DKIM-Signature fields for the From: domain (RFC 6376), after every fix-up."""
+        assert draft.header is not None
+        keys = self._keys_for(draft.header)
+        if not keys:
+            return b""
+        header = draft.header
+        if not draft.writer.spilled and draft.writer.size <= _INLINE_SIGNING_MAX:
+            return sign(header, draft.body_chunks(), keys)
+        return await asyncio.to_thread(lambda: sign(header, draft.body_chunks(), keys))
+
+    def _keys_for(self, header: bytes) -> Sequence[SigningKey]:
+        senders = addresses(field_values(header, "From"))
+        if not senders or not self.config.dkim.keys:
+            return ()
+        domain = senders[0].rpartition("@")[2].lower()
+        keys = self.keys.get(domain, ())
+        if not keys and domain not in self._unsigned_domains:
+            self._unsigned_domains.add(domain)
+            log.info("no DKIM key for %s: its messages are sent unsigned", domain)
+        return keys
+
+
+def _cleanup_settings(config: Config) -> CleanupSettings:
+    cleanup = config.cleanup
+    return CleanupSettings(
+        hostname=config.hostname,
+        remove_bcc=cleanup.remove_bcc,
+        keep_original_date=cleanup.keep_original_date,
+        max_header_fields=cleanup.max_header_fields,
+        forbidden_fields=tuple(cleanup.forbidden_fields),
+        strip_fields=tuple(cleanup.strip_fields),
+        rewrite=tuple(cleanup.rewrite),
+        single_label_domain=cleanup.single_label_domain,
+    )
+
+
+def _signing_keys(config: Config) -> dict[str, tuple[SigningKey, ...]]:
+    """Keys by signing domain, loaded once at start so a bad key stops the start."""
+    keys: dict[str, list[SigningKey]] = {}
+    for entry in config.dkim.keys:
+        key = load_signing_key(entry.key, entry.domain, entry.selector)
+        keys.setdefault(entry.domain.lower(), []).append(key)
+    return {domain: tuple(found) for domain, found in keys.items()}

@@ -29,7 +29,9 @@ def _submit_until_killed(
             sequence += 1
             size = 200 + (sequence * 997 + number * 131) % 300_000  # inline and spilled
             body = (
-                f"From: alice@example.org\r\nSubject: crash {number}-{sequence}\r\n\r\n".encode()
+                f"From: alice@example.org\r\nSubject: crash {number}-{sequence}\r\n"
+                f"Date: Sat, 28 Nov 2026 16:30:28 +0000\r\n"
+                f"Message-ID: <{number}.{sequence}@example.org>\r\n\r\n".encode()
                 + (b"z" * 70 + b"\r\n") * (size // 72)
             )
             client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n")

@@ -12,6 +12,9 @@ import pytest
 from tests.conftest import RunningServer, make_server, split_received
 from tests.integration.rawclient import RawClient, code_of
 
+# Date and Message-ID present: nothing for the cleanup stage to add.
+COMPLETE = b"Date: Sat, 28 Nov 2026 16:30:28 +0000\r\nMessage-ID: <t@example.org>\r\n"
+
 
 @pytest.fixture
 def client(shared_server: RunningServer) -> Iterator[RawClient]:
@@ -141,7 +144,7 @@ def test_bare_lf_in_command(client: RawClient) -> None:
 
 
 def send_data(client: RawClient, body: bytes) -> tuple[int, str]:
-    assert client.command("MAIL FROM:<alice@example.org>")[0] == 250
+    assert client.command("MAIL FROM:<alice@example.org> BODY=8BITMIME")[0] == 250
     assert client.command("RCPT TO:<bob@example.net>")[0] == 250
     assert client.command("DATA")[0] == 354
     client.send(body)
@@ -173,7 +176,7 @@ def test_smuggled_end_of_data_is_not_an_end(
 
 def test_message_is_queued_byte_for_byte(client: RawClient, shared_server: RunningServer) -> None:
     message = (
-        b"From: Alice <alice@example.org>\r\nSubject: exact \xc3\xa9\r\n\r\n"
+        b"From: Alice <alice@example.org>\r\nSubject: exact \xc3\xa9\r\n" + COMPLETE + b"\r\n"
         b"..leading dot\r\ntrailing space \r\n\tindent\r\n\r\n\r\nend"
     )
     code, text = send_data(client, message + b"\r\n.\r\n")
@@ -188,7 +191,7 @@ def test_message_is_queued_byte_for_byte(client: RawClient, shared_server: Runni
 
 
 def test_bdat_binarymime(client: RawClient, shared_server: RunningServer) -> None:
-    message = b"From: alice@example.org\r\n\r\nbinary\x00\xff\nbare"
+    message = b"From: alice@example.org\r\n" + COMPLETE + b"\r\nbinary\x00\xff\nbare"
     client.send(
         b"MAIL FROM:<alice@example.org> BODY=BINARYMIME\r\nRCPT TO:<bob@example.net>\r\n"
         b"BDAT 10\r\n" + message[:10] + b"BDAT 0\r\n"

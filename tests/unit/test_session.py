@@ -29,11 +29,11 @@ PLAIN = base64.b64encode(b"\0alice@example.org\0secret").decode()
 class Alice:
     login: str = "alice@example.org"
 
-    def check_sender(self, address: str) -> Reply | None:
-        ok = address in ("", "alice@example.org")
+    def check_mail(self, sender: str, declared_size: int | None) -> Reply | None:
+        ok = sender in ("", "alice@example.org")
         return None if ok else R.SENDER_NOT_OWNED
 
-    def check_recipient(self, address: str) -> Reply | None:
+    def check_recipient(self, address: str, accepted: int) -> Reply | None:
         return None
 
 

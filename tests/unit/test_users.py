@@ -47,7 +47,7 @@ def test_migrations_run_once_and_reopen_is_cheap(db_path: Path) -> None:
     connect(db_path).close()
     conn = connect(db_path)
     versions = conn.execute("SELECT version FROM schema_version").fetchall()
-    assert versions == [(len(database.MIGRATIONS),)]
+    assert versions == [(v,) for v in range(1, len(database.MIGRATIONS) + 1)]
 
 
 def test_database_from_a_newer_submitd_is_refused(db_path: Path) -> None:

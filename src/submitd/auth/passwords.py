@@ -116,6 +116,14 @@ class CredentialVerifier:
             self._remember(key, user, generation)
         return user
 
+    def is_user(self, address: str) -> bool:
+        """Is `address` the login of one of our users (RFC 6409 4.2 expansion check)?"""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT 1 FROM users WHERE login = ? COLLATE NOCASE", (address,)
+            ).fetchone()
+        return row is not None
+
     def close(self) -> None:
         """Wait for running checks (milliseconds), then release the threads and database."""
         self._executor.shutdown(wait=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from submitd.cli.common import config_option
+from submitd.cli.dkim import dkim
 from submitd.cli.queue import queue
 from submitd.cli.serve import check_config, serve
 from submitd.cli.users import user
@@ -20,6 +21,7 @@ cli.add_command(serve)
 cli.add_command(check_config)
 cli.add_command(user)
 cli.add_command(queue)
+cli.add_command(dkim)
 
 
 def main() -> None:

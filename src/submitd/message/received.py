@@ -31,14 +31,24 @@ def _comment_safe(text: str) -> str:
 
 
 def received_field(
-    info: SessionInfo, *, hostname: str, queue_id: str, smtputf8: bool, now: float
+    info: SessionInfo,
+    *,
+    hostname: str,
+    queue_id: str,
+    smtputf8: bool,
+    now: float,
+    private: bool = False,
 ) -> bytes:
+    """The field, CRLF-terminated. `private` withholds the client's EHLO name and address
+    (a site choice, RFC 6409 8 leaves trace privacy to policy): the reserved `.invalid`
+    name (RFC 2606) keeps the field's syntax while saying plainly that nothing is shown."""
     helo = _comment_safe(info.ehlo_name)
     proto = protocol_name(
         tls=info.tls_version is not None, authenticated=info.user is not None, smtputf8=smtputf8
     )
+    source = "client.invalid (withheld)" if private else f"{helo} ({_literal(info.client_ip)})"
     lines = [
-        f"Received: from {helo} ({_literal(info.client_ip)})",
+        f"Received: from {source}",
         f"\tby {hostname} (submitd) with {proto} id {queue_id}",
     ]
     if info.tls_version:

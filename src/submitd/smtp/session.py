@@ -59,11 +59,13 @@ class Principal(Protocol):
     @property
     def login(self) -> str: ...
 
-    def check_sender(self, address: str) -> Reply | None:
-        """None if the user may use this MAIL FROM, else the rejection (RFC 6409 6.1)."""
+    def check_mail(self, sender: str, declared_size: int | None) -> Reply | None:
+        """None if the user may start this transaction (RFC 6409 6.1), else the refusal."""
         ...
 
-    def check_recipient(self, address: str) -> Reply | None: ...
+    def check_recipient(self, address: str, accepted: int) -> Reply | None:
+        """None if the user may add this recipient to the `accepted` ones so far."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +438,7 @@ class Session:
         )
         mailbox = parse_reverse_path(path, utf8=params.smtputf8)
         sender = "" if mailbox is None else str(mailbox)
-        refusal = self.principal.check_sender(sender)
+        refusal = self.principal.check_mail(sender, params.size)
         if refusal is not None:
             self._error(refusal)
             return
@@ -467,7 +469,7 @@ class Session:
         mailbox = parse_forward_path(path, utf8=envelope.smtputf8)
         # RFC 5321 4.1.1.3: <Postmaster> without a domain means our own postmaster.
         address = str(mailbox) if mailbox.domain else f"postmaster@{self.settings.hostname}"
-        refusal = self.principal.check_recipient(address)
+        refusal = self.principal.check_recipient(address, len(envelope.recipients))
         if refusal is not None:
             self._error(refusal)
             return

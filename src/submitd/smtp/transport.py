@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from submitd.envelope import SessionInfo
+from submitd.message.draft import Draft
 from submitd.smtp import replies as R
 from submitd.smtp.events import (
     Authenticate,
@@ -39,7 +40,7 @@ from submitd.smtp.events import (
     StartTLS,
 )
 from submitd.smtp.session import Session, SessionSettings
-from submitd.submission import AuthenticatedUser, Draft, Submission
+from submitd.submission import AuthenticatedUser, Submission
 
 log = logging.getLogger("submitd.session")
 
@@ -117,7 +118,7 @@ class SubmissionProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if self._draft is not None and not self.session.waiting:
-            self._draft.writer.abort()
+            self._draft.abort()
             self._draft = None
         log.info("session=%s disconnect", self.session_id)
 
@@ -130,12 +131,13 @@ class SubmissionProtocol(asyncio.Protocol):
                 out.append(event.data)
             elif isinstance(event, MessageChunk):
                 assert self._draft is not None
-                self._draft.writer.write(event.data)
+                self._draft.write(event.data)
             elif isinstance(event, MessageBegin):
-                self._draft = self.context.submission.begin(event.envelope, self._info())
+                assert self._principal is not None
+                self._draft = self.context.submission.begin(event.envelope, self._principal)
             elif isinstance(event, MessageAbort):
                 if self._draft is not None:
-                    self._draft.writer.abort()
+                    self._draft.abort()
                     self._draft = None
             else:
                 self._flush(out)

@@ -67,6 +67,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX queue_by_state ON queue(state, created)",
     ),
+    (
+        # Rate counters (store/counters.py): one row per user (login in lower case),
+        # counter kind and fixed window [window_start, window_end), in seconds since
+        # 1970. `generation` is settings.rate_counters_generation at the row's last
+        # change, so a process merges only the rows changed since it last looked.
+        """CREATE TABLE rate_counters (
+            login TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            window_start INTEGER NOT NULL,
+            window_end INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            generation INTEGER NOT NULL,
+            PRIMARY KEY (login, kind, window_start)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX rate_counters_by_generation ON rate_counters(generation)",
+        "CREATE INDEX rate_counters_by_end ON rate_counters(window_end)",
+        "INSERT INTO settings (key, value) VALUES ('rate_counters_generation', 0)",
+    ),
 )
 
 
