@@ -177,3 +177,7 @@ def split_received(message: bytes) -> tuple[bytes, bytes]:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+# Servers and CLI runs started by the tests use this checkout's code, whatever copy of
+# submitd happens to be installed.
+_SOURCE = str(Path(__file__).resolve().parents[1] / "src")
+os.environ["PYTHONPATH"] = os.pathsep.join([_SOURCE, *filter(None, [os.environ.get("PYTHONPATH")])])

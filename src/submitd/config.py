@@ -88,6 +88,14 @@ class CleanupConfig(_Section):
     single_label_domain: str | None = None  # RFC 6409 4.2: expand bob@sales, if verified
     received_privacy: bool = False  # leave client IP and EHLO name out of Received
 
+    @field_validator("rewrite")
+    @classmethod
+    def _check_rewrite(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        from submitd.message.addresses import check_rewrite_rules
+
+        check_rewrite_rules(tuple(value))  # ValueError names the rule
+        return value
+
 
 class DkimKeyConfig(_Section):
     domain: str

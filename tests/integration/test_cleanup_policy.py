@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,3 +205,42 @@ def test_dkim_signatures_verify_and_client_signature_survives(tmp_path: Path) ->
             assert verifier.verify(idx=index, dnsfunc=dns), index
     finally:
         server.stop()
+
+
+def test_rewriting_header_and_envelope(tmp_path: Path) -> None:
+    server = make_server(
+        tmp_path, '[cleanup]\nrewrite = [["@host.sales.example.org", "@example.org"]]\n'
+    )
+    try:
+        server.cli("user", "address", "add", server.user, "@host.sales.example.org")
+        client = RawClient(server).ready()
+        message = COMPLETE.replace(b"alice@example.org", b"alice@host.sales.example.org")
+        message = message.replace(
+            b"To: bob@example.net", b"To: Carol <carol@host.sales.example.org>"
+        )
+        reply = send(
+            client,
+            message + b"\r\nx\r\n",
+            mail="MAIL FROM:<alice@host.sales.example.org>",
+            rcpts=("carol@host.sales.example.org",),
+        )
+        result = stored(server, reply)
+        assert b"From: Alice <alice@example.org>\r\n" in result
+        assert b"To: Carol <carol@example.org>\r\n" in result
+        assert b"host.sales" not in result
+        listing = server.cli("queue", "list", "--json")
+        assert "<alice@example.org>" in listing or "alice@example.org" in listing
+        assert "carol@example.org" in listing and "host.sales" not in listing
+    finally:
+        server.stop()
+
+
+def test_bad_rewrite_rule_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[cleanup]\nrewrite = [["nonsense", "@example.org"]]\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "submitd", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "cleanup.rewrite" in result.stderr
