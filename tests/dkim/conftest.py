@@ -36,6 +36,7 @@ class PublishedKey:
     key: dkim.SigningKey
     name: str  # <selector>._domainkey.<domain>, as printed by the CLI
     strings: tuple[str, ...]  # the TXT character-strings, as printed by the CLI
+    path: Path  # where the CLI wrote the private key
 
 
 def _keygen(config: Path, selector: str, key_type: str) -> PublishedKey:
@@ -48,9 +49,10 @@ def _keygen(config: Path, selector: str, key_type: str) -> PublishedKey:
     match = _ZONE_LINE.fullmatch(result.stdout.strip())
     assert match, result.stdout
     data_dir = config.parent / "data"
-    key = dkim.load_signing_key(data_dir / "dkim" / DOMAIN / f"{selector}.key", DOMAIN, selector)
+    path = data_dir / "dkim" / DOMAIN / f"{selector}.key"
+    key = dkim.load_signing_key(path, DOMAIN, selector)
     strings = tuple(re.findall(r'"([^"]*)"', match.group("strings")))
-    return PublishedKey(key, match.group("name"), strings)
+    return PublishedKey(key, match.group("name"), strings, path)
 
 
 @pytest.fixture(scope="session")
