@@ -125,7 +125,10 @@ class Session:
     def receive_data(self, data: bytes) -> list[Event]:
         if self._mode is Mode.CLOSED or self._mode is Mode.WAIT_TLS:
             return []  # RFC 3207 5: nothing sent before the handshake is ever executed
-        self._buffer += data
+        if self._mode is Mode.DATA and not self._buffer:
+            self._consume_data(data)  # the bulk of a message: no copy into the buffer
+        else:
+            self._buffer += data
         return self._run()
 
     def auth_result(
@@ -501,12 +504,15 @@ class Session:
         self._data = DataReader(self.settings.max_message_size)
         self._mode = Mode.DATA
 
-    def _consume_data(self) -> None:
+    def _consume_data(self, data: bytes | None = None) -> None:
+        """Feed DATA content: `data` directly, or else everything buffered."""
         reader = self._data
         assert reader is not None
         healthy = reader.checker.problem is None
-        content, rest = reader.feed(bytes(self._buffer))
-        self._buffer.clear()
+        if data is None:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        content, rest = reader.feed(data)
         if healthy and content and reader.checker.problem is None:
             self._events.append(MessageChunk(content))
         if rest is None:
