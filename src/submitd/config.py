@@ -87,6 +87,7 @@ class CleanupConfig(_Section):
     rewrite: list[tuple[str, str]] = Field(default_factory=list)  # RFC 6409 8.8 maps
     single_label_domain: str | None = None  # RFC 6409 4.2: expand bob@sales, if verified
     received_privacy: bool = False  # leave client IP and EHLO name out of Received
+    repair_8bit: bool = False  # RFC 6409 8.4: encode 8-bit parts declared 7BIT, not reject
 
     @field_validator("rewrite")
     @classmethod

@@ -35,6 +35,7 @@ from submitd.message.dkim import SigningKey, load_signing_key, sign
 from submitd.message.draft import Draft, Rejection
 from submitd.message.headers import addresses, field_values
 from submitd.message.received import received_field
+from submitd.message.repair import RepairImpossible, repair_8bit
 from submitd.policy.limits import RateLimiter, RejectionLog
 from submitd.smtp import replies as R
 from submitd.smtp.replies import Reply
@@ -132,7 +133,8 @@ class Submission:
 
     async def finish(self, draft: Draft, principal: AuthenticatedUser, info: SessionInfo) -> Reply:
         """Judge the content, sign it, commit it; the reply is what the client is told."""
-        refusal = draft.finish() or self._check_content(draft, principal)
+        refusal = draft.finish() or await self._repair(draft)
+        refusal = refusal or self._check_content(draft, principal)
         if refusal is not None:
             draft.abort()
             self.rejections.log(principal.login, "content", refusal, time.time())
@@ -168,6 +170,25 @@ class Submission:
             draft.writer.size,
         )
         return R.reply(250, "2.0.0", f"Ok: queued as {draft.queue_id}")
+
+    async def _repair(self, draft: Draft) -> Reply | None:
+        """RFC 6409 8.4: if the site allows, give 8-bit parts of a 7BIT message a
+        transfer encoding instead of refusing it. Rare, so the body is read whole."""
+        needed = draft.eight_bit and draft.envelope.body == "7BIT"
+        if not (needed and self.config.cleanup.repair_8bit):
+            return None
+        header = draft.header
+        assert header is not None
+
+        def repaired() -> tuple[bytes, bytes]:
+            return repair_8bit(header, b"".join(draft.body_chunks()))
+
+        try:
+            new_header, new_body = await asyncio.to_thread(repaired)
+        except RepairImpossible as problem:
+            return R.reply(554, "5.6.0", f"8-bit data cannot be repaired: {problem.reason}")
+        draft.replace_content(self.queue.open_message, new_header, new_body)
+        return None
 
     def _check_content(self, draft: Draft, principal: AuthenticatedUser) -> Reply | None:
         assert draft.header is not None

@@ -244,3 +244,25 @@ def test_bad_rewrite_rule_stops_the_start(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode != 0 and "cleanup.rewrite" in result.stderr
+
+
+def test_8bit_repair_when_the_site_allows_it(tmp_path: Path) -> None:
+    import email
+    import email.policy
+
+    server = make_server(tmp_path, "[cleanup]\nrepair_8bit = true\n")
+    try:
+        client = RawClient(server).ready()
+        body = "Grüße, café\r\n.leading dot\r\n".encode()
+        result = stored(server, send(client, COMPLETE + b"\r\n" + body))
+        assert result.isascii()
+        assert result.startswith(b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8")
+        assert b"Content-Transfer-Encoding: quoted-printable\r\n" in result
+        assert result.endswith(b"\r\n")
+        parsed = email.message_from_bytes(result, policy=email.policy.compat32)
+        assert parsed.get_payload(decode=True) == body
+        # 8-bit in the header cannot be repaired: refused, with the reason.
+        reply = send(client, COMPLETE + "X-Note: Grüße\r\n\r\nx\r\n".encode())
+        assert code_of(reply) == "554 5.6.0" and "8-bit data in header field X-Note" in reply[1]
+    finally:
+        server.stop()

@@ -78,6 +78,19 @@ class Draft:
     def abort(self) -> None:
         self.writer.abort()
 
+    def replace_content(
+        self, open_writer: Callable[[str], SpoolWriter], header: bytes, body: bytes
+    ) -> None:
+        """Start over with repaired content (RFC 6409 8.4), under the same queue id."""
+        queue_id = self.queue_id
+        self.writer.abort()
+        self.writer = open_writer(queue_id)
+        self.writer.write(header)
+        self.writer.write(b"\r\n")
+        self.writer.write(body)
+        self.header = header
+        self.eight_bit = not (header + body).isascii()
+
     def _try_header(self) -> None:
         pending = self._pending
         if pending[:2] == b"\r\n":
