@@ -132,6 +132,47 @@ class PolicyConfig(_Section):
     users: dict[str, UserPolicy] = Field(default_factory=dict)
 
 
+class RouteConfig(_Section):
+    """One way to the next hop. `smarthost`: a fixed relay (most sites: the provider);
+    `mx`: the recipient domain's MX hosts found in DNS (RFC 5321 5.1); `lmtp`: a local
+    mailbox server (RFC 2033) over a Unix socket or TCP."""
+
+    type: str = Field(pattern=r"^(smarthost|mx|lmtp)$")
+    host: str | None = None  # smarthost, lmtp over TCP
+    port: int | None = Field(default=None, ge=1, le=65535)
+    socket: Path | None = None  # lmtp over a Unix socket
+    # smarthost: "starttls" (required), "opportunistic", "implicit" (RFC 8314), "none";
+    # mx always uses opportunistic STARTTLS.
+    tls: str = Field(default="starttls", pattern=r"^(starttls|opportunistic|implicit|none)$")
+    verify: bool = True  # certificate verification (smarthost)
+    ca_file: Path | None = None  # extra trust anchors for verification
+    username: str | None = None  # AUTH to the smarthost
+    password: str | None = None
+    password_file: Path | None = None
+    port_override: int | None = Field(default=None, ge=1, le=65535)  # mx: test setups only
+
+
+class DeliveryConfig(_Section):
+    """The delivery loop: routes per recipient domain, retries, notifications."""
+
+    enabled: bool = True
+    default_route: str = "mx"
+    domain_routes: dict[str, str] = Field(default_factory=dict)  # "example.org" -> route
+    routes: dict[str, RouteConfig] = Field(
+        default_factory=lambda: {"mx": RouteConfig(type="mx")}
+    )
+    concurrency: int = Field(default=20, ge=1)  # deliveries at once, in all
+    per_destination: int = Field(default=4, ge=1)  # connections to one next hop
+    retry_first: float = Field(default=60.0, gt=0)  # seconds; doubles each time
+    retry_max: float = Field(default=3600.0, gt=0)
+    lifetime: float = Field(default=5 * 86400.0, gt=0)  # then failed and bounced
+    delay_notice: float = Field(default=4 * 3600.0, gt=0)  # one "delayed" DSN after this
+    resolver: list[str] = Field(default_factory=list)  # "127.0.0.1:5353"; empty: system
+    dns_timeout: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(default=30.0, gt=0)
+    poll_interval: float = Field(default=1.0, gt=0)
+
+
 class LogConfig(_Section):
     level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     per_client_lines_per_minute: int = Field(default=60, ge=1)  # RFC 6409 5.2
@@ -148,6 +189,7 @@ class Config(_Section):
     cleanup: CleanupConfig = Field(default_factory=CleanupConfig)
     dkim: DkimConfig = Field(default_factory=DkimConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @field_validator("hostname")
