@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-APT_PACKAGES=(swaks libnet-ssleay-perl msmtp curl ca-certificates dnsmasq-base opendkim-tools)
+APT_PACKAGES=(swaks libnet-ssleay-perl msmtp curl ca-certificates dnsmasq-base opendkim-tools
+    postfix sasl2-bin libsasl2-modules dovecot-core dovecot-lmtpd haproxy)
 missing=()
 # Node.js and npm (for nodemailer) come with this kind of machine; Debian's otherwise.
 command -v npm >/dev/null || missing+=(nodejs npm)
@@ -13,6 +14,8 @@ for package in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
 done
 if ((${#missing[@]})); then
+    # Postfix is a test peer only: "No configuration" sets up no system mail at all.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi

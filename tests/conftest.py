@@ -53,6 +53,7 @@ class RunningServer:
 
     root: Path
     extra_config: str = ""
+    delivery: bool = False  # True: extra_config brings its own [delivery] section
     host: str = "127.0.0.1"
     starttls_port: int = field(default_factory=free_port)
     tls_port: int = field(default_factory=free_port)
@@ -85,7 +86,9 @@ class RunningServer:
             f'submissions = ["127.0.0.1:{self.tls_port}"]\n'
             "[auth]\n"
             "argon2_memory_kib = 8192\n"
-            "argon2_time_cost = 1\n" + self.extra_config
+            "argon2_time_cost = 1\n"
+            + ("" if self.delivery else "[delivery]\nenabled = false\n")
+            + self.extra_config
         )
 
     def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
@@ -137,8 +140,8 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def make_server(root: Path, extra_config: str = "") -> RunningServer:
-    server = RunningServer(root=root, extra_config=extra_config)
+def make_server(root: Path, extra_config: str = "", *, delivery: bool = False) -> RunningServer:
+    server = RunningServer(root=root, extra_config=extra_config, delivery=delivery)
     server.write_config()
     server.cli("user", "add", server.user, "--password-stdin", stdin=server.password)
     server.start()

@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_DATA_DIR = Path("./submitd-data")
 
@@ -146,6 +153,7 @@ class RouteConfig(_Section):
     tls: str = Field(default="starttls", pattern=r"^(starttls|opportunistic|implicit|none)$")
     verify: bool = True  # certificate verification (smarthost)
     ca_file: Path | None = None  # extra trust anchors for verification
+    tls_name: str | None = None  # the name to verify, when it is not `host`
     username: str | None = None  # AUTH to the smarthost
     password: str | None = None
     password_file: Path | None = None
@@ -158,9 +166,7 @@ class DeliveryConfig(_Section):
     enabled: bool = True
     default_route: str = "mx"
     domain_routes: dict[str, str] = Field(default_factory=dict)  # "example.org" -> route
-    routes: dict[str, RouteConfig] = Field(
-        default_factory=lambda: {"mx": RouteConfig(type="mx")}
-    )
+    routes: dict[str, RouteConfig] = Field(default_factory=lambda: {"mx": RouteConfig(type="mx")})
     concurrency: int = Field(default=20, ge=1)  # deliveries at once, in all
     per_destination: int = Field(default=4, ge=1)  # connections to one next hop
     retry_first: float = Field(default=60.0, gt=0)  # seconds; doubles each time
@@ -171,6 +177,18 @@ class DeliveryConfig(_Section):
     dns_timeout: float = Field(default=10.0, gt=0)
     connect_timeout: float = Field(default=30.0, gt=0)
     poll_interval: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_routes(self) -> DeliveryConfig:
+        for name in [self.default_route, *self.domain_routes.values()]:
+            if name not in self.routes:
+                raise ValueError(f"route {name!r} is not defined under [delivery.routes]")
+        for name, route in self.routes.items():
+            if route.type == "smarthost" and not route.host:
+                raise ValueError(f"routes.{name}: a smarthost needs host")
+            if route.type == "lmtp" and not (route.socket or (route.host and route.port)):
+                raise ValueError(f"routes.{name}: lmtp needs socket, or host and port")
+        return self
 
 
 class LogConfig(_Section):
@@ -261,4 +279,6 @@ def dev_config() -> Config:
         hostname="localhost.localdomain",
         data_dir=DEFAULT_DATA_DIR,
         listen=ListenConfig(submission=["127.0.0.1:2587"], submissions=["127.0.0.1:2465"]),
+        # A developer's messages stay queued to be looked at; nothing leaves the machine.
+        delivery=DeliveryConfig(enabled=False),
     )

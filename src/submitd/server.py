@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 from submitd.auth.passwords import CredentialVerifier
 from submitd.config import Config, split_host_port
+from submitd.delivery.notify import Notifier
+from submitd.delivery.router import Router
+from submitd.delivery.scheduler import Scheduler
 from submitd.policy.limits import RateLimiter
 from submitd.smtp.session import AUTH_LINE_MAX, SessionSettings
 from submitd.smtp.transport import ListenerContext, SubmissionProtocol
@@ -88,10 +91,14 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> N
     limiter = RateLimiter(
         config.database_path, config.policy, postmaster=f"postmaster@{config.hostname}"
     )
+    delivery = _start_delivery(config, queue) if config.delivery.enabled else None
+    submission = Submission(config, verifier, queue, limiter)
+    if delivery is not None:
+        submission.on_commit = delivery.wake
     context = ListenerContext(
         settings=session_settings(config),
         ssl_context=server_context(config),
-        submission=Submission(config, verifier, queue, limiter),
+        submission=submission,
         idle_timeout=config.limits.idle_timeout,
         command_timeout=config.limits.command_timeout,
     )
@@ -105,10 +112,43 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> N
     await stop.wait()
     log.info("shutting down")
     await _shut_down(servers, context)
+    if delivery is not None:
+        await delivery.stop()
     await asyncio.to_thread(verifier.close)
     await limiter.close()
     await queue.close()
     log.info("stopped")
+
+
+class _Delivery:
+    """The delivery loop as one task beside the listeners (DESIGN principle 6)."""
+
+    def __init__(self, config: Config, queue: Queue) -> None:
+        self.router = Router(config.delivery, config.hostname)
+        notifier = Notifier(
+            queue,
+            config.hostname,
+            config.delivery.delay_notice,
+            config.delivery.lifetime,
+            wake=lambda: None,
+        )
+        self.scheduler = Scheduler(config.delivery, config.database_path, self.router, notifier)
+        notifier.wake = self.scheduler.wake  # notices are queued mail: deliver them soon
+        self.task = asyncio.get_running_loop().create_task(self.scheduler.run())
+
+    def wake(self) -> None:
+        self.scheduler.wake()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.router.close()
+
+
+def _start_delivery(config: Config, queue: Queue) -> _Delivery:
+    return _Delivery(config, queue)
 
 
 async def _shut_down(servers: list[asyncio.base_events.Server], context: ListenerContext) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from submitd.auth.passwords import CredentialVerifier
@@ -100,6 +100,7 @@ class Submission:
         self.cleanup = _cleanup_settings(config)
         self.keys = _signing_keys(config)
         self._unsigned_domains: set[str] = set()
+        self.on_commit: Callable[[], None] = lambda: None  # wakes the delivery loop
 
     async def authenticate(self, login: str, password: str) -> AuthenticatedUser | None:
         user = await self.verifier.verify(login, password)
@@ -159,6 +160,7 @@ class Submission:
             log.exception("session=%s queue=%s: not accepted", info.session_id, draft.queue_id)
             draft.abort()
             return R.LOCAL_ERROR
+        self.on_commit()
         await self.limiter.record_message(principal.login, len(envelope.recipients), time.time())
         log.info(
             "session=%s queue=%s accepted user=%s from=<%s> rcpts=%d size=%d",

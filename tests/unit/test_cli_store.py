@@ -159,11 +159,13 @@ def _queue_one(config_file: Path, body: bytes) -> str:
 def test_queue_list_and_json(config_file: Path) -> None:
     assert _queue(config_file, "list").output == ""
     queue_id = _queue_one(config_file, b"Subject: hi\r\n\r\nbody\r\n")
-    line = _queue(config_file, "list").output
-    assert line.startswith(queue_id) and line.rstrip().endswith("<a@example.org>  b@example.net")
+    first, second = _queue(config_file, "list").output.splitlines()
+    assert first.startswith(queue_id) and first.rstrip().endswith("<a@example.org>")
+    assert second.split() == ["b@example.net", "pending", "attempts", "0"]
     [entry] = json.loads(_queue(config_file, "list", "--json").output)
     assert entry["id"] == queue_id
-    assert entry["recipients"] == ["b@example.net"]
+    assert [r["address"] for r in entry["recipients"]] == ["b@example.net"]
+    assert entry["recipients"][0]["state"] == "pending"
     assert entry["size"] == 21 and entry["state"] == "queued"
     assert entry["created"].endswith("+00:00")
 

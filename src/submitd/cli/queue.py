@@ -1,14 +1,19 @@
-"""`submitd queue ...`: look at what the server has accepted and not yet delivered.
+"""`submitd queue ...`: look at and manage what the server has accepted.
 
-Read-only, and safe while the server runs: the database is in WAL mode, so these
-readers neither wait for the queue writer nor delay it. `queue show` prints the
+Safe while the server runs: the database is in WAL mode, readers neither wait for the
+queue writer nor delay it, and every change (retry, hold, release, delete) is one short
+transaction that the delivery loop sees at its next poll (a second at most). A message
+being delivered at that moment finishes its attempt; its outcome is recorded only for
+recipients still pending, and a deleted message's outcome is dropped. `queue show` prints the
 message bytes exactly as stored (no decoding), so what an administrator sees is what
 will be delivered; --json output is for scripts and monitoring.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sqlite3
 from contextlib import closing
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -18,6 +23,8 @@ from typing import Any
 import click
 
 from submitd.cli.common import config_option, load_or_exit
+from submitd.delivery.bounce import bounce_message
+from submitd.delivery.state import delete, recipient_states, retry_now, set_state
 from submitd.store.database import connect
 from submitd.store.queue import (
     QueuedMessage,
@@ -32,17 +39,51 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
-def _summary_json(entry: QueueSummary) -> dict[str, Any]:
+def _recipients(conn: sqlite3.Connection, entry: QueueSummary) -> list[dict[str, Any]]:
+    """Per-recipient delivery state; before the first attempt every one is pending."""
+    states = recipient_states(conn, entry.id)
+    if not states:
+        return [
+            {
+                "address": a,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt": None,
+                "last_reply": None,
+            }
+            for a in entry.recipients
+        ]
+    return [
+        {
+            "address": item.address,
+            "state": item.state,
+            "attempts": item.attempts,
+            "next_attempt": _iso(item.next_attempt) if item.state == "pending" else None,
+            "last_reply": item.last_reply,
+            "status": item.enhanced,
+        }
+        for item in states
+    ]
+
+
+def _summary_json(conn: sqlite3.Connection, entry: QueueSummary) -> dict[str, Any]:
     data = asdict(entry)
     data["created"] = _iso(entry.created)
-    data["recipients"] = list(entry.recipients)
+    data["recipients"] = _recipients(conn, entry)
     return data
 
 
-def _summary_line(entry: QueueSummary) -> str:
+def _summary_lines(conn: sqlite3.Connection, entry: QueueSummary) -> list[str]:
     sender = f"<{entry.sender}>"  # <> is the null sender (RFC 5321 4.5.5)
     columns = (entry.id, _iso(entry.created), f"{entry.size:>9}", f"{entry.state:<8}", sender)
-    return "  ".join((*columns, ",".join(entry.recipients)))
+    lines = ["  ".join(columns)]
+    for item in _recipients(conn, entry):
+        when = f" next {item['next_attempt']}" if item["next_attempt"] else ""
+        reply = f"  {item['last_reply']}" if item["last_reply"] else ""
+        lines.append(
+            f"    {item['address']}  {item['state']}  attempts {item['attempts']}{when}{reply}"
+        )
+    return lines
 
 
 @click.group()
@@ -52,17 +93,73 @@ def queue() -> None:
 
 @queue.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
+@click.option("--all", "show_all", is_flag=True, help="Include messages already done.")
 @config_option
-def list_messages(as_json: bool, config_path: Path | None) -> None:
-    """List queued messages: id, created (UTC), size, state, sender, recipients."""
+def list_messages(as_json: bool, show_all: bool, config_path: Path | None) -> None:
+    """Messages with their recipients: state, attempts, next attempt, last reply."""
     config = load_or_exit(config_path)
     with closing(connect(config.database_path)) as conn:
-        entries = list_queue(conn)
-    if as_json:
-        click.echo(json.dumps([_summary_json(entry) for entry in entries], indent=2))
-        return
-    for entry in entries:
-        click.echo(_summary_line(entry))
+        entries = [e for e in list_queue(conn) if show_all or e.state != "done"]
+        if as_json:
+            click.echo(json.dumps([_summary_json(conn, e) for e in entries], indent=2))
+            return
+        for entry in entries:
+            click.echo("\n".join(_summary_lines(conn, entry)))
+
+
+@queue.command("retry")
+@click.argument("queue_id", required=False)
+@click.option("--all", "every", is_flag=True, help="Every queued message.")
+@config_option
+def retry(queue_id: str | None, every: bool, config_path: Path | None) -> None:
+    """Try the pending recipients of a message (or of all) now."""
+    if every == (queue_id is not None):
+        raise click.UsageError("give a queue id or --all")
+    config = load_or_exit(config_path)
+    with closing(connect(config.database_path)) as conn:
+        if queue_id is not None and get_message(conn, queue_id) is None:
+            raise click.ClickException(f"no such message: {queue_id}")
+        count = retry_now(conn, queue_id)
+    click.echo(f"scheduled {count} message(s) for now")
+
+
+def _change_state(queue_id: str, new_state: str, config_path: Path | None) -> None:
+    config = load_or_exit(config_path)
+    with closing(connect(config.database_path)) as conn:
+        if not set_state(conn, queue_id, new_state):
+            raise click.ClickException(f"no such queued or held message: {queue_id}")
+    click.echo(f"{queue_id}: {new_state}")
+
+
+@queue.command("hold")
+@click.argument("queue_id")
+@config_option
+def hold(queue_id: str, config_path: Path | None) -> None:
+    """Keep a message from being delivered until `release`."""
+    _change_state(queue_id, "held", config_path)
+
+
+@queue.command("release")
+@click.argument("queue_id")
+@config_option
+def release(queue_id: str, config_path: Path | None) -> None:
+    """Let a held message be delivered again."""
+    _change_state(queue_id, "queued", config_path)
+
+
+@queue.command("delete")
+@click.argument("queue_id")
+@click.option("--bounce", is_flag=True, help="Tell the sender (a DSN for pending recipients).")
+@config_option
+def delete_message(queue_id: str, bounce: bool, config_path: Path | None) -> None:
+    """Remove a message from the queue, optionally bouncing it to its sender."""
+    config = load_or_exit(config_path)
+    if bounce:
+        asyncio.run(bounce_message(config, queue_id))
+    with closing(connect(config.database_path)) as conn:
+        if not delete(conn, queue_id, config.database_path.parent):
+            raise click.ClickException(f"no such message: {queue_id}")
+    click.echo(f"{queue_id}: deleted" + (" and bounced" if bounce else ""))
 
 
 def _message_json(message: QueuedMessage) -> str:

@@ -35,47 +35,56 @@ class BodyProblem(Enum):
 class LineChecker:
     """Checks CRLF discipline and line length over a stream of pieces.
 
-    `binary` turns the checks off: BODY=BINARYMIME content is arbitrary octets
+    `binary` turns the line checks off: BODY=BINARYMIME content is arbitrary octets
     (RFC 3030 3). The size limit applies always.
+
+    Every check keeps running after a first problem (they are a few C-speed scans), and
+    the verdict is chosen by priority, too big > bare line ending > line too long, so
+    the reply never depends on how the client's octets were split into TCP reads.
     """
 
     def __init__(self, max_size: int, *, binary: bool = False) -> None:
         self.max_size = max_size
         self.binary = binary
         self.size = 0
-        self.problem: BodyProblem | None = None
+        self._bare = False
+        self._long = False
         self._line_length = 0  # octets of the current, unfinished line
         self._pending_cr = False  # the previous piece ended with CR
 
+    @property
+    def problem(self) -> BodyProblem | None:
+        if self.size > self.max_size:
+            return BodyProblem.TOO_BIG
+        if self._bare:
+            return BodyProblem.BARE_LINE_ENDING
+        if self._long:
+            return BodyProblem.LINE_TOO_LONG
+        return None
+
     def feed(self, piece: bytes) -> None:
         self.size += len(piece)
-        if self.problem is not None:
-            return
-        if self.size > self.max_size:
-            self.problem = BodyProblem.TOO_BIG
-            return
-        if self.binary or not piece:
-            return
+        if self.binary or not piece or self.size > self.max_size:
+            return  # once too big, nothing else can change the verdict
         if self._has_bare_line_ending(piece):
-            self.problem = BodyProblem.BARE_LINE_ENDING
-        elif self._has_long_line(piece):
-            self.problem = BodyProblem.LINE_TOO_LONG
+            self._bare = True
+        if self._has_long_line(piece):
+            self._long = True
 
     def finish(self) -> BodyProblem | None:
         """The verdict at the end of the content; a trailing lone CR is bare."""
-        if self.problem is None and self._pending_cr and not self.binary:
-            self.problem = BodyProblem.BARE_LINE_ENDING
+        if self._pending_cr and not self.binary:
+            self._bare = True
         return self.problem
 
     def _has_bare_line_ending(self, piece: bytes) -> bool:
         joined = 1 if self._pending_cr and piece[:1] == b"\n" else 0
-        if self._pending_cr and not joined:
-            return True
+        lone_before = self._pending_cr and not joined
         crlf = piece.count(b"\r\n") + joined
         self._pending_cr = piece[-1:] == b"\r"
         lone_cr = piece.count(b"\r") - (crlf - joined) - (1 if self._pending_cr else 0)
         lone_lf = piece.count(b"\n") - crlf
-        return lone_cr > 0 or lone_lf > 0
+        return lone_before or lone_cr > 0 or lone_lf > 0
 
     def _has_long_line(self, piece: bytes) -> bool:
         first_lf = piece.find(b"\n")
@@ -83,10 +92,9 @@ class LineChecker:
             self._line_length += len(piece) - (1 if self._pending_cr else 0)
             return self._line_length > MAX_LINE
         # The line that began in earlier pieces ends here (its CR is at first_lf - 1).
-        if self._line_length + max(first_lf - 1, 0) > MAX_LINE:
-            return True
+        too_long = self._line_length + max(first_lf - 1, 0) > MAX_LINE
         self._line_length = len(piece) - piece.rfind(b"\n") - 1 - (1 if self._pending_cr else 0)
-        if self._line_length > MAX_LINE:
+        if too_long or self._line_length > MAX_LINE:
             return True
         return _LONG_LINE.search(piece, first_lf + 1) is not None
 
@@ -121,7 +129,9 @@ class DataReader:
             self.done = True
             return self._unstuff(content), rest
         content = self._unstuff(lines)
-        self._at_line_start = True
+        # Only a CRLF starts a line that may end the data: after a bare LF a ".\r\n"
+        # is content, whichever read it arrives in (RFC 5321 4.1.1.4, smuggling).
+        self._at_line_start = lines.endswith(b"\r\n")
         self._keep_tail(self._tail)
         return content, None
 

@@ -114,6 +114,7 @@ class Session:
         self._bdat_remaining = 0
         self._bdat_last = False
         self._bdat_error: Reply | None = None  # reply owed once the chunk is consumed
+        self._message_open = False  # a MessageBegin is not yet followed by End or Abort
 
     # ------------------------------------------------------------------ inputs
 
@@ -293,18 +294,29 @@ class Session:
     def _close(self, reply: Reply) -> None:
         if self._mode is Mode.CLOSED:
             return
-        if self._mode in (Mode.DATA, Mode.BDAT) or (
-            self._bdat is not None and self._mode is not Mode.WAIT_COMMIT
-        ):
-            self._events.append(MessageAbort())
+        self._abort_message()
         self._send(reply)
         self._events.append(Close())
         self._mode = Mode.CLOSED
         self._buffer.clear()
 
-    def _reset_transaction(self) -> None:
-        if self._bdat is not None and self._mode is not Mode.WAIT_COMMIT:
+    def _begin_message(self) -> None:
+        assert self.envelope is not None
+        self._events.append(MessageBegin(self.envelope))
+        self._message_open = True
+
+    def _end_message(self) -> None:
+        self._events.append(MessageEnd())
+        self._message_open = False
+
+    def _abort_message(self) -> None:
+        """Discard the content begun, once: after an End or an Abort this does nothing."""
+        if self._message_open:
             self._events.append(MessageAbort())
+            self._message_open = False
+
+    def _reset_transaction(self) -> None:
+        self._abort_message()
         self.envelope = None
         self._data = None
         self._bdat = None
@@ -500,7 +512,7 @@ class Session:
             return
         assert self.envelope is not None
         self._send(R.START_DATA)
-        self._events.append(MessageBegin(self.envelope))
+        self._begin_message()
         self._data = DataReader(self.settings.max_message_size)
         self._mode = Mode.DATA
 
@@ -508,30 +520,28 @@ class Session:
         """Feed DATA content: `data` directly, or else everything buffered."""
         reader = self._data
         assert reader is not None
-        healthy = reader.checker.problem is None
         if data is None:
             data = bytes(self._buffer)
             self._buffer.clear()
         content, rest = reader.feed(data)
-        if healthy and content and reader.checker.problem is None:
+        if reader.checker.problem is not None:
+            self._abort_message()  # once; the rest is read and dropped
+        elif content:
             self._events.append(MessageChunk(content))
         if rest is None:
-            if healthy and reader.checker.problem is not None:
-                self._events.append(MessageAbort())
             return
         self._buffer += rest
         self._mode = Mode.COMMAND
-        self._finish_content(reader.checker, aborted=not healthy)
+        self._finish_content(reader.checker)
 
-    def _finish_content(self, checker: LineChecker, *, aborted: bool) -> None:
+    def _finish_content(self, checker: LineChecker) -> None:
         """After the end of DATA or BDAT LAST: refuse, or hand over for commit."""
         problem = checker.finish()
         if problem is None:
             self._mode = Mode.WAIT_COMMIT
-            self._events.append(MessageEnd())
+            self._end_message()
             return
-        if not aborted:
-            self._events.append(MessageAbort())
+        self._abort_message()
         self._data = None
         self._bdat = None
         self.envelope = None
@@ -554,7 +564,7 @@ class Session:
             assert self.envelope is not None
             binary = self.envelope.body == "BINARYMIME"
             self._bdat = LineChecker(self.settings.max_message_size, binary=binary)
-            self._events.append(MessageBegin(self.envelope))
+            self._begin_message()
         self._mode = Mode.BDAT
 
     def _consume_bdat(self) -> bool:
@@ -566,12 +576,11 @@ class Session:
             self._bdat_remaining -= take
             checker = self._bdat
             if self._bdat_error is None and checker is not None:
-                healthy = checker.problem is None
                 checker.feed(piece)
-                if healthy and checker.problem is None:
+                if checker.problem is not None:
+                    self._abort_message()
+                else:
                     self._events.append(MessageChunk(piece))
-                elif healthy:
-                    self._events.append(MessageAbort())
         if self._bdat_remaining:
             return False
         self._mode = Mode.COMMAND
@@ -591,7 +600,7 @@ class Session:
             self.envelope = None
             self._send(_PROBLEM_REPLIES[checker.problem])
         elif self._bdat_last:
-            self._finish_content(checker, aborted=False)
+            self._finish_content(checker)
         else:
             self._send(R.reply(250, "2.0.0", f"{checker.size} octets received"))
 

@@ -85,6 +85,56 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX rate_counters_by_end ON rate_counters(window_end)",
         "INSERT INTO settings (key, value) VALUES ('rate_counters_generation', 0)",
     ),
+    (
+        # Delivery (delivery/state.py): the message's schedule and lease, and one row per
+        # recipient with its outcome, made on the first attempt.
+        "ALTER TABLE queue ADD COLUMN next_attempt REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE queue ADD COLUMN lease_owner TEXT",
+        "ALTER TABLE queue ADD COLUMN lease_until REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE queue ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX queue_due ON queue(state, next_attempt)",
+        """CREATE TABLE deliveries (
+            queue_id TEXT NOT NULL REFERENCES queue(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL,
+            address TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt REAL NOT NULL DEFAULT 0,
+            last_reply TEXT,
+            enhanced TEXT,
+            remote_mta TEXT,
+            relayed INTEGER NOT NULL DEFAULT 0,
+            updated REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (queue_id, idx)
+        )""",
+    ),
+    (
+        # Abuse defences (store/abuse_counters.py, policy/abuse.py): authentication
+        # failures per key ("net:<network>" or "acct:<login>") and fixed window
+        # [window_start, window_end), in seconds since 1970; and the (network, login)
+        # pairs that have authenticated, which never pay the per-account delay.
+        # `generation` is settings.abuse_generation at the row's last change.
+        """CREATE TABLE abuse_counters (
+            key TEXT NOT NULL,
+            window_start INTEGER NOT NULL,
+            window_end INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            generation INTEGER NOT NULL,
+            PRIMARY KEY (key, window_start, window_end)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX abuse_counters_by_generation ON abuse_counters(generation)",
+        "CREATE INDEX abuse_counters_by_end ON abuse_counters(window_end)",
+        """CREATE TABLE abuse_known_good (
+            network TEXT NOT NULL,
+            login TEXT NOT NULL,
+            last_success INTEGER NOT NULL,
+            generation INTEGER NOT NULL,
+            PRIMARY KEY (network, login)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX abuse_known_good_by_generation ON abuse_known_good(generation)",
+        "CREATE INDEX abuse_known_good_by_last_success ON abuse_known_good(last_success)",
+        "INSERT INTO settings (key, value) VALUES ('abuse_generation', 0)",
+    ),
 )
 
 
