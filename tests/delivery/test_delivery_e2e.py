@@ -65,10 +65,10 @@ def entry(server: RunningServer, queue_id: str) -> dict[str, Any]:
     return next(e for e in queue_entries(server) if e["id"] == queue_id)
 
 
-def peer_route(peer: Peer, extra: str = "") -> str:
+def peer_route(peer: Peer, extra: str = "", retries: str = FAST_RETRIES) -> str:
     return (
         '[delivery]\ndefault_route = "peer"\n'
-        + FAST_RETRIES
+        + retries
         + extra
         + '[delivery.routes.peer]\ntype = "smarthost"\nhost = "127.0.0.1"\n'
         + f'port = {peer.port}\ntls = "none"\n'
@@ -303,3 +303,68 @@ def test_lmtp_into_dovecot(tmp_path: Path, dovecot: Any) -> None:
         assert stored.endswith(server.queued_message(queue_id))
     finally:
         server.stop()
+
+
+def reports(peer: Peer) -> list[tuple[str, list[str]]]:
+    """(Action, recipients) of every DSN the peer received."""
+    found = []
+    for dsn in dsns(peer):
+        status = next(p for p in dsn.walk() if p.get_content_type() == "message/delivery-status")
+        blocks = status.get_payload()[1:]
+        found.append((blocks[0]["Action"], [b["Final-Recipient"] for b in blocks]))
+    return found
+
+
+def test_notify_success_never_and_one_delay_notice(tmp_path: Path) -> None:
+    with Peer(extensions=["8BITMIME", "ENHANCEDSTATUSCODES"]) as peer:  # no DSN offered
+        peer.rcpt_replies["never@example.net"] = "550 5.1.1 gone"
+        peer.rcpt_replies["slow@example.net"] = "451 4.3.0 later"
+        server = make_server(tmp_path, peer_route(peer, "delay_notice = 0.5\n"), delivery=True)
+        try:
+            client = RawClient(server).ready()
+            client.command("MAIL FROM:<alice@example.org>")
+            client.command("RCPT TO:<ok@example.net> NOTIFY=SUCCESS")
+            client.command("RCPT TO:<never@example.net> NOTIFY=NEVER")
+            client.command("RCPT TO:<slow@example.net>")
+            assert client.command("DATA")[0] == 354
+            client.send(message("notify") + b".\r\n")
+            assert client.read_reply()[0] == 250
+            wait_for(lambda: len(reports(peer)) >= 2, timeout=20)
+            time.sleep(1.5)  # more retries of slow@: still one delay notice
+            found = sorted(reports(peer))
+            assert found == [
+                ("delayed", ["rfc822; slow@example.net"]),
+                ("relayed", ["rfc822; ok@example.net"]),
+            ]
+        finally:
+            server.stop()
+
+
+def test_queue_management_commands(tmp_path: Path) -> None:
+    with Peer() as peer:
+        peer.rcpt_replies["held@example.net"] = "451 4.3.0 later"
+        slow = "retry_first = 30.0\npoll_interval = 0.1\n"  # only `retry` brings it back
+        server = make_server(tmp_path, peer_route(peer, retries=slow), delivery=True)
+        try:
+            queue_id = submit(server, message("manage"), ("held@example.net",))
+            wait_for(lambda: entry(server, queue_id)["recipients"][0]["attempts"] == 1)
+            server.cli("queue", "hold", queue_id)
+            assert entry(server, queue_id)["state"] == "held"
+            peer.rcpt_replies.clear()
+            server.cli("queue", "retry", queue_id)
+            time.sleep(1.0)
+            assert entry(server, queue_id)["state"] == "held"  # held: not delivered
+            server.cli("queue", "release", queue_id)
+            server.cli("queue", "retry", "--all")  # --all: every queued message
+            wait_for(lambda: entry(server, queue_id)["state"] == "done")
+            # delete --bounce: the sender hears about the recipients still pending
+            peer.rcpt_replies["stuck@example.net"] = "451 4.3.0 later"
+            stuck = submit(server, message("stuck"), ("stuck@example.net",))
+            wait_for(lambda: entry(server, stuck)["recipients"][0]["attempts"] >= 1)
+            server.cli("queue", "hold", stuck)  # no attempt may be running while we delete
+            server.cli("queue", "delete", stuck, "--bounce")
+            assert all(e["id"] != stuck for e in queue_entries(server))
+            [(action, rcpts)] = wait_for(lambda: reports(peer))
+            assert (action, rcpts) == ("failed", ["rfc822; stuck@example.net"])
+        finally:
+            server.stop()

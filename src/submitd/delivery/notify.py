@@ -3,10 +3,12 @@
 Which ones: recipients that failed for good (NOTIFY absent or naming FAILURE), a
 "delayed" notice once per message after `delay_notice` while recipients are still
 pending (NOTIFY absent or naming DELAY: RFC 3461 4.1 lets an absent NOTIFY mean
-FAILURE,DELAY, which is what a person waiting for an answer wants), and "delivered" or
-"relayed" for NOTIFY=SUCCESS. Never for NOTIFY=NEVER, and never for a message from the
-null sender (RFC 5321 4.5.5: no notification about a notification). Each notice is
-queued like any message, from <> to the envelope sender.
+FAILURE,DELAY, which is what a person waiting for an answer wants), and "delivered" (final
+delivery over LMTP) or "relayed" (a next hop without DSN) for NOTIFY=SUCCESS; a next hop
+that offers DSN is handed NOTIFY and reports success itself (RFC 3461 5.2.2). Never for
+NOTIFY=NEVER, and never for a message from the null sender (RFC 5321 4.5.5: no
+notification about a notification). Each notice is queued like any message, from <> to
+the envelope sender.
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ class Notifier:
         if message.envelope.sender == "":
             return False
         failed = [p for p in recorded.failed if _wants(p[0].recipient, "FAILURE")]
-        succeeded = [p for p in recorded.delivered if _wants(p[0].recipient, "SUCCESS")]
+        # RFC 3461 5.2.2: a hop that offers DSN got NOTIFY passed on and reports success
+        # itself; we report it for final delivery (LMTP) or a hop without DSN ("relayed").
+        succeeded = [
+            p
+            for p in recorded.delivered
+            if _wants(p[0].recipient, "SUCCESS") and (p[1].final or p[1].dsn_relayed)
+        ]
         if failed:
             await self._send(message, source, failed, "failed", now)
         if succeeded:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -154,6 +155,8 @@ class Scheduler:
                 Outcome(p.recipient, Status.DEFERRED, f"local error: {error}", "4.3.0")
                 for p in group
             ]
+        if self.config.routes[route_name].type == "lmtp":
+            outcomes = [dataclasses.replace(o, final=True) for o in outcomes]
         return list(zip(group, outcomes, strict=True))
 
     def _retry_policy(

@@ -29,6 +29,7 @@ class Outcome:
     enhanced: str  # RFC 3463 status code, "2.0.0", "4.4.1", "5.1.1", ...
     remote_mta: str | None = None  # the host that answered (name or [address])
     dsn_relayed: bool = False  # delivered to a hop that did not offer DSN (RFC 3461 "relayed")
+    final: bool = False  # final delivery (LMTP): our "delivered" notice is the only one
 
 
 class MessageSource(Protocol):
