@@ -54,6 +54,7 @@ class RunningServer:
     root: Path
     extra_config: str = ""
     delivery: bool = False  # True: extra_config brings its own [delivery] section
+    abuse: bool = False  # True: the abuse defences at their defaults, or extra_config's
     host: str = "127.0.0.1"
     starttls_port: int = field(default_factory=free_port)
     tls_port: int = field(default_factory=free_port)
@@ -88,6 +89,9 @@ class RunningServer:
             "argon2_memory_kib = 8192\n"
             "argon2_time_cost = 1\n"
             + ("" if self.delivery else "[delivery]\nenabled = false\n")
+            # Most tests make many connections and failed logins from 127.0.0.1 on
+            # purpose; the defences themselves are tested with abuse=True.
+            + ("" if self.abuse else "[abuse]\nenabled = false\n")
             + self.extra_config
         )
 
@@ -140,8 +144,10 @@ class RunningServer:
         return self.log_path.read_text(errors="replace")
 
 
-def make_server(root: Path, extra_config: str = "", *, delivery: bool = False) -> RunningServer:
-    server = RunningServer(root=root, extra_config=extra_config, delivery=delivery)
+def make_server(
+    root: Path, extra_config: str = "", *, delivery: bool = False, abuse: bool = False
+) -> RunningServer:
+    server = RunningServer(root=root, extra_config=extra_config, delivery=delivery, abuse=abuse)
     server.write_config()
     server.cli("user", "add", server.user, "--password-stdin", stdin=server.password)
     server.start()

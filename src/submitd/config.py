@@ -8,6 +8,7 @@ the dotted name of the offending key, which `submitd check-config` and `serve` p
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from pathlib import Path
@@ -35,6 +36,16 @@ class ListenConfig(_Section):
 
     submission: list[str] = Field(default_factory=lambda: ["0.0.0.0:587"])
     submissions: list[str] = Field(default_factory=lambda: ["0.0.0.0:465"])
+    # PROXY protocol v1/v2 (HAProxy): required from these networks, never accepted from
+    # others; the client address it carries is used for limits, logs and Received.
+    proxy_protocol_from: list[str] = Field(default_factory=list)
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)
+        return value
 
     @field_validator("submission", "submissions")
     @classmethod
@@ -55,12 +66,23 @@ class TLSConfig(_Section):
 class LimitsConfig(_Section):
     """Protocol limits; each has a reply code of its own (see smtp/replies.py)."""
 
-    line_length: int = Field(default=512, ge=512, le=65536)  # RFC 5321 4.5.3.1.4 floor
+    # RFC 5321 4.5.3.1.4 makes 512 a floor; ORCPT and AUTH= make real lines longer.
+    # 2048 is Postfix's default (line_length_limit).
+    line_length: int = Field(default=2048, ge=512, le=12288)
     recipients: int = Field(default=100, ge=1, le=100000)  # RFC 5321 4.5.3.1.8 floor
     message_size: int = Field(default=50 * 1024 * 1024, ge=1024)
     bad_commands: int = Field(default=20, ge=1)
     idle_timeout: float = Field(default=300.0, gt=0)  # seconds between commands
     command_timeout: float = Field(default=120.0, gt=0)  # RFC 6409 5.3: answer within 2 min
+    line_timeout: float = Field(default=300.0, gt=0)  # to receive a whole command line
+    tls_handshake_timeout: float = Field(default=30.0, gt=0)
+    data_min_rate: float = Field(default=500.0, ge=0)  # octets/s for DATA and BDAT ...
+    data_rate_grace: float = Field(default=30.0, ge=0)  # ... after this many seconds
+    session_timeout: float = Field(default=3600.0, gt=0)  # a whole session
+    busy_timeout: float = Field(default=10.0, gt=0)  # pre-AUTH idle timeout when busy
+    error_delay_after: int = Field(default=10, ge=1)  # errors; then each reply waits 1 s
+    auth_failures: int = Field(default=3, ge=1)  # in one session; then 421 4.7.0
+    shutdown_grace: float = Field(default=30.0, ge=0)  # SIGTERM: time to finish a message
 
 
 class AuthConfig(_Section):
@@ -191,6 +213,20 @@ class DeliveryConfig(_Section):
         return self
 
 
+class AbuseConfig(_Section):
+    """Defences against password guessing and connection floods (see policy/abuse.py).
+    Address groups: IPv4 /32, /26, /21 and IPv6 /64, /48, /32; 0 disables a check."""
+
+    enabled: bool = True  # false: no AUTH throttle and no connection limits at all
+    fail_per_minute: tuple[int, int, int] = (10, 30, 90)
+    fail_per_day: tuple[int, int, int] = (50, 150, 450)
+    account_fail_per_hour: int = Field(default=20, ge=0)
+    max_sessions_per_group: int = Field(default=20, ge=0)
+    max_connects_per_minute: int = Field(default=300, ge=0)
+    max_sessions: int = Field(default=1000, ge=0)
+    busy_fraction: float = Field(default=0.8, gt=0, le=1)
+
+
 class LogConfig(_Section):
     level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     per_client_lines_per_minute: int = Field(default=60, ge=1)  # RFC 6409 5.2
@@ -208,6 +244,7 @@ class Config(_Section):
     dkim: DkimConfig = Field(default_factory=DkimConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    abuse: AbuseConfig = Field(default_factory=AbuseConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @field_validator("hostname")

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from submitd.auth.passwords import CredentialVerifier
-from submitd.config import Config, split_host_port
+from submitd.config import Config, load_config, split_host_port
 from submitd.delivery.notify import Notifier
 from submitd.delivery.router import Router
 from submitd.delivery.scheduler import Scheduler
+from submitd.policy.abuse import AbuseSettings, AuthThrottle, ConnectionLimiter
 from submitd.policy.limits import RateLimiter
 from submitd.smtp.session import AUTH_LINE_MAX, SessionSettings
 from submitd.smtp.transport import ListenerContext, SubmissionProtocol
@@ -29,8 +32,6 @@ from submitd.submission import Submission
 from submitd.tls import server_context
 
 log = logging.getLogger("submitd.server")
-
-SHUTDOWN_GRACE = 30.0
 
 
 def session_settings(config: Config) -> SessionSettings:
@@ -42,7 +43,12 @@ def session_settings(config: Config) -> SessionSettings:
         max_recipients=limits.recipients,
         max_message_size=limits.message_size,
         max_errors=limits.bad_commands,
+        max_auth_failures=limits.auth_failures,
     )
+
+
+def abuse_settings(config: Config) -> AbuseSettings:
+    return AbuseSettings(**config.abuse.model_dump(exclude={"enabled"}))
 
 
 def install_event_loop_policy() -> None:
@@ -72,8 +78,6 @@ async def _open_listeners(
             factory,
             host,
             port,
-            ssl=context.ssl_context if implicit else None,
-            ssl_handshake_timeout=context.tls_handshake_timeout if implicit else None,
             reuse_address=True,
             backlog=1024,
         )
@@ -83,7 +87,12 @@ async def _open_listeners(
     return servers
 
 
-async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> None:
+async def serve(
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    ready: Callable[[], None] | None = None,
+) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     connect(config.database_path).close()  # create or migrate the schema first
     queue = Queue(config.database_path, config.spool_dir, config.queue)
@@ -95,23 +104,30 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> N
     submission = Submission(config, verifier, queue, limiter)
     if delivery is not None:
         submission.on_commit = delivery.wake
+    defended = config.abuse.enabled
+    throttle = AuthThrottle(config.database_path, abuse_settings(config)) if defended else None
     context = ListenerContext(
         settings=session_settings(config),
         ssl_context=server_context(config),
         submission=submission,
-        idle_timeout=config.limits.idle_timeout,
-        command_timeout=config.limits.command_timeout,
+        limits=config.limits,
+        throttle=throttle,
+        connections=ConnectionLimiter(abuse_settings(config)) if defended else None,
+        proxy_networks=_networks(config),
     )
     servers = await _open_listeners(config, context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, config, config_path, context)
     if ready is not None:
         ready()
     await stop.wait()
     log.info("shutting down")
-    await _shut_down(servers, context)
+    await _shut_down(servers, context, config.limits.shutdown_grace)
+    if throttle is not None:
+        await throttle.close()
     if delivery is not None:
         await delivery.stop()
     await asyncio.to_thread(verifier.close)
@@ -151,7 +167,41 @@ def _start_delivery(config: Config, queue: Queue) -> _Delivery:
     return _Delivery(config, queue)
 
 
-async def _shut_down(servers: list[asyncio.base_events.Server], context: ListenerContext) -> None:
+def _networks(config: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(n, strict=False) for n in config.listen.proxy_protocol_from]
+
+
+def reload(running: Config, path: Path | None, context: ListenerContext) -> None:
+    """SIGHUP: validate the file and certificates first; on any error keep what runs.
+
+    What a reload changes: the TLS certificate and settings, protocol limits, timeouts,
+    the PROXY networks, and cleanup and DKIM settings; they apply to sessions that start
+    after it (open sessions are not disturbed). Listen addresses, the data directory and
+    delivery routes need a restart, and a change to them is reported as ignored.
+    """
+    if path is None:
+        log.warning("SIGHUP: no configuration file to reload (started without --config)")
+        return
+    try:
+        config = load_config(path)
+        ssl_context = server_context(config)
+        context.submission.reload(config)
+    except Exception as error:  # any problem keeps the running configuration
+        log.error("SIGHUP: reload failed, keeping the running configuration: %s", error)
+        return
+    context.ssl_context = ssl_context
+    context.settings = session_settings(config)
+    context.limits = config.limits
+    context.proxy_networks = _networks(config)
+    for section in ("listen", "data_dir", "delivery", "queue", "auth", "abuse"):
+        if getattr(config, section) != getattr(running, section):
+            log.warning("SIGHUP: [%s] changed; it takes effect at the next restart", section)
+    log.info("SIGHUP: configuration and certificate reloaded from %s", path)
+
+
+async def _shut_down(
+    servers: list[asyncio.base_events.Server], context: ListenerContext, grace: float
+) -> None:
     """Stop listening, say 421 to every session as soon as it is idle, then wait.
 
     A session in the middle of a commit is left to finish it (its 250 must not be lost);
@@ -160,7 +210,7 @@ async def _shut_down(servers: list[asyncio.base_events.Server], context: Listene
     for server in servers:
         server.close()
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + SHUTDOWN_GRACE
+    deadline = loop.time() + grace
     while loop.time() < deadline:
         open_sessions = [p for p in context.sessions if not p.session.closed]
         if not open_sessions:

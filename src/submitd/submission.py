@@ -102,6 +102,15 @@ class Submission:
         self._unsigned_domains: set[str] = set()
         self.on_commit: Callable[[], None] = lambda: None  # wakes the delivery loop
 
+    def reload(self, config: Config) -> None:
+        """SIGHUP: new cleanup and DKIM settings (keys are loaded first: a bad key raises
+        before anything changes)."""
+        keys = _signing_keys(config)
+        self.config = config
+        self.cleanup = _cleanup_settings(config)
+        self.keys = keys
+        self._unsigned_domains.clear()
+
     async def authenticate(self, login: str, password: str) -> AuthenticatedUser | None:
         user = await self.verifier.verify(login, password)
         if user is None:

@@ -119,7 +119,7 @@ def test_failed_auth_logged_without_password(shared_server: RunningServer) -> No
         (["ETRN example.org"], "502 5.5.1"),
         (["ATRN example.org"], "502 5.5.1"),
         (["NOSUCH"], "500 5.5.1"),
-        (["NOOP " + "x" * 600], "500 5.5.2"),
+        (["NOOP " + "x" * 2100], "500 5.5.2"),  # over the 2048-octet default
         (["VRFY bob"], "252 2.5.0"),
         (["HELP"], "214 2.0.0"),
         (["NOOP"], "250 2.0.0"),

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+from submitd.tls import OPENSSL_CONF_PATH
+
+# First, before anything imports ssl: OpenSSL reads its configuration once (see submitd.tls).
+os.environ.setdefault("OPENSSL_CONF", OPENSSL_CONF_PATH)
+
 import click
 
 from submitd.cli.common import config_option

@@ -33,7 +33,7 @@ def serve(config_path: Path | None, dev: bool) -> None:
     if dev:
         ensure_dev_user(config)
     install_event_loop_policy()
-    asyncio.run(run_server(config))
+    asyncio.run(run_server(config, config_path=config_path))
 
 
 def ensure_dev_user(config: Config) -> None:

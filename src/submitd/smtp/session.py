@@ -75,6 +75,7 @@ class SessionSettings:
     max_recipients: int = 100
     max_message_size: int = 50 * 1024 * 1024
     max_errors: int = 20
+    max_auth_failures: int = 3  # failed AUTH in one session, then 421 4.7.0 and close
     tls_available: bool = True
 
 
@@ -90,6 +91,7 @@ class Mode(Enum):
 
 
 _CLOSING = R.reply(421, "4.7.0", "Too many errors, closing connection")
+_AUTH_CLOSING = R.reply(421, "4.7.0", "Too many failed authentication attempts, closing")
 _EXTENSIONS_BEFORE_SIZE = ("PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8")
 
 
@@ -104,6 +106,7 @@ class Session:
         self.esmtp = False
         self.envelope: Envelope | None = None
         self.errors = 0
+        self.auth_failures = 0
         self._mode = Mode.COMMAND
         self._buffer = bytearray()
         self._events: list[Event] = []
@@ -141,6 +144,11 @@ class Session:
             return []  # closed meanwhile (timeout, shutdown)
         self._mode = Mode.COMMAND
         if principal is None:
+            self.auth_failures += 1
+            if failure.code == 535 and self.auth_failures >= self.settings.max_auth_failures:
+                self._close(_AUTH_CLOSING)  # a guesser gets no more tries on this connection
+                events, self._events = self._events, []
+                return events
             self._error(failure)
         else:
             self.principal = principal
@@ -188,6 +196,16 @@ class Session:
     @property
     def in_transaction(self) -> bool:
         return self.envelope is not None
+
+    @property
+    def partial_line(self) -> bool:
+        """Part of a command line has arrived: the line timer runs (issue 6, slow clients)."""
+        return bool(self._buffer) and self._mode in (Mode.COMMAND, Mode.AUTH_RESPONSE)
+
+    @property
+    def in_content(self) -> bool:
+        """Reading DATA or BDAT content: the minimum transfer rate applies."""
+        return self._mode in (Mode.DATA, Mode.BDAT)
 
     # ------------------------------------------------------------- the engine
 
