@@ -55,6 +55,7 @@ class RunningServer:
     extra_config: str = ""
     delivery: bool = False  # True: extra_config brings its own [delivery] section
     abuse: bool = False  # True: the abuse defences at their defaults, or extra_config's
+    listen_extra: str = ""  # more lines for the [listen] section
     host: str = "127.0.0.1"
     starttls_port: int = field(default_factory=free_port)
     tls_port: int = field(default_factory=free_port)
@@ -85,9 +86,8 @@ class RunningServer:
             "[listen]\n"
             f'submission = ["127.0.0.1:{self.starttls_port}"]\n'
             f'submissions = ["127.0.0.1:{self.tls_port}"]\n'
-            "[auth]\n"
-            "argon2_memory_kib = 8192\n"
-            "argon2_time_cost = 1\n"
+            + self.listen_extra
+            + "[auth]\nargon2_memory_kib = 8192\nargon2_time_cost = 1\n"
             + ("" if self.delivery else "[delivery]\nenabled = false\n")
             # Most tests make many connections and failed logins from 127.0.0.1 on
             # purpose; the defences themselves are tested with abuse=True.
@@ -145,9 +145,20 @@ class RunningServer:
 
 
 def make_server(
-    root: Path, extra_config: str = "", *, delivery: bool = False, abuse: bool = False
+    root: Path,
+    extra_config: str = "",
+    *,
+    delivery: bool = False,
+    abuse: bool = False,
+    listen_extra: str = "",
 ) -> RunningServer:
-    server = RunningServer(root=root, extra_config=extra_config, delivery=delivery, abuse=abuse)
+    server = RunningServer(
+        root=root,
+        extra_config=extra_config,
+        delivery=delivery,
+        abuse=abuse,
+        listen_extra=listen_extra,
+    )
     server.write_config()
     server.cli("user", "add", server.user, "--password-stdin", stdin=server.password)
     server.start()

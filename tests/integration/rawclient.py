@@ -15,10 +15,13 @@ from tests.conftest import RunningServer
 
 
 class RawClient:
-    def __init__(self, server: RunningServer, *, implicit_tls: bool = False) -> None:
+    def __init__(
+        self, server: RunningServer, *, implicit_tls: bool = False, source: str | None = None
+    ) -> None:
         self.server = server
         port = server.tls_port if implicit_tls else server.starttls_port
-        sock = socket.create_connection((server.host, port), timeout=15)
+        bind = None if source is None else (source, 0)
+        sock = socket.create_connection((server.host, port), timeout=15, source_address=bind)
         if implicit_tls:
             sock = server.client_context().wrap_socket(sock, server_hostname="localhost")
         self.sock: socket.socket = sock

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from submitd.envelope import Envelope
 from submitd.smtp import replies as R
 from submitd.smtp.replies import Reply
-from submitd.store.queue import SpoolWriter
+from submitd.store.queue import SpoolWriter, StorageError, StorageFull
 
 HeaderCleaner = Callable[[bytes], bytes]  # raises Rejection with the reply to give
 
@@ -59,11 +59,16 @@ class Draft:
             return
         if not self.eight_bit and not data.isascii():
             self.eight_bit = True
-        if self.header is not None:
-            self.writer.write(data)
-            return
-        self._pending += data
-        self._try_header()
+        try:
+            if self.header is not None:
+                self.writer.write(data)
+                return
+            self._pending += data
+            self._try_header()
+        except StorageFull:
+            self._reject(R.NO_SPACE)  # 452 4.3.1: try again later; nothing acknowledged
+        except StorageError:
+            self._reject(R.LOCAL_ERROR)
 
     def finish(self) -> Reply | None:
         """The rejection owed at the end of the data, if any."""

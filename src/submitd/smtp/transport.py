@@ -480,7 +480,8 @@ class SubmissionProtocol(asyncio.Protocol):
         if self._line_started is not None:
             deadlines.append(self._line_started + self.limits.line_timeout)
         if self._content_started is not None:
-            deadlines.append(self._loop.time() + _RATE_CHECK_EVERY)
+            every = min(_RATE_CHECK_EVERY, max(self.limits.data_rate_grace, 0.5))
+            deadlines.append(self._loop.time() + every)
         return min(deadlines)
 
     def _on_timer(self) -> None:
