@@ -25,8 +25,8 @@ if [ -f tests/interop/node/package-lock.json ]; then
     npm ci --prefix tests/interop/node --no-audit --no-fund --loglevel=error
 fi
 
-ruff check src tests bench
-ruff format --check src tests bench
+ruff check src tests bench fuzz
+ruff format --check src tests bench fuzz
 mypy
 # pytest exits 5 when it collected no tests: that is a failure here too.
 python3 -m pytest "$@"

@@ -430,7 +430,7 @@ def _valid_calendar(match: re.Match[str]) -> bool:
     year = _full_year(match["year"])
     try:
         day = date(year, _MONTHS.index(month) + 1, int(match["day"]))
-    except ValueError:  # 30 February, year 10000, ...
+    except (ValueError, OverflowError):  # 30 February, year 10000, a 20-digit year
         return False
     # RFC 5322 3.3: the year is 1900 or later; a day-of-week MUST match the date.
     return year >= 1900 and (not dow or _DAYS.index(dow) == day.weekday())

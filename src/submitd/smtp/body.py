@@ -146,7 +146,9 @@ class DataReader:
         if not lines:
             return b""
         starts_with_dot = self._at_line_start and lines[:1] == b"."
-        content = lines.replace(b"\n.", b"\n")
+        # Only after CRLF: a dot after a bare LF is content (the message is refused
+        # anyway), so the verdict cannot depend on where a read ended.
+        content = lines.replace(b"\r\n.", b"\r\n")
         if starts_with_dot:
             content = content[1:]
         self.checker.feed(content)

@@ -356,7 +356,7 @@ class Session:
         self._reset_transaction()  # RFC 5321 4.1.4
         self.ehlo_name = name
         self.esmtp = esmtp
-        greeting = f"{self.settings.hostname} greets {name}"
+        greeting = f"{self.settings.hostname} greets {_echo(name)}"
         # RFC 2034 3: the EHLO reply carries no enhanced codes.
         lines = (greeting, *self._extensions()) if esmtp else (greeting,)
         self._send(R.Reply(250, None, lines))
@@ -647,6 +647,13 @@ class Session:
         self._events.append(Close())
         self._mode = Mode.CLOSED
         self._buffer.clear()
+
+
+def _echo(text: str, limit: int = 64) -> str:
+    """Client text fit for a reply line: printable ASCII only, short enough that the
+    line stays within 512 octets (RFC 5321 4.2, 4.5.3.1.5)."""
+    kept = "".join(c if " " < c < "\x7f" else "?" for c in text[:limit])
+    return kept + ("..." if len(text) > limit else "")
 
 
 _PROBLEM_REPLIES = {
