@@ -241,8 +241,10 @@ class Submission:
         return await asyncio.to_thread(lambda: sign(header, draft.body_chunks(), keys))
 
     def _keys_for(self, header: bytes) -> Sequence[SigningKey]:
+        if not self.keys:
+            return ()
         senders = addresses(field_values(header, "From"))
-        if not senders or not self.config.dkim.keys:
+        if not senders:
             return ()
         domain = senders[0].rpartition("@")[2].lower()
         keys = self.keys.get(domain, ())

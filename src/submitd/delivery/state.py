@@ -114,6 +114,16 @@ def load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
     )
 
 
+def load_with_source(
+    conn: sqlite3.Connection, queue_id: str, database_dir: Path
+) -> tuple[LeasedMessage, StoredMessage] | None:
+    """`load` and `stored_message` in one trip to the worker thread."""
+    message = load(conn, queue_id)
+    if message is None:
+        return None
+    return message, stored_message(conn, queue_id, database_dir)
+
+
 def _ensure_rows(conn: sqlite3.Connection, queue_id: str, envelope: Envelope) -> None:
     conn.executemany(
         "INSERT OR IGNORE INTO deliveries (queue_id, idx, address) VALUES (?, ?, ?)",

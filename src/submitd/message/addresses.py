@@ -29,6 +29,7 @@ the SMTPUTF8 transaction (RFC 6531 3.4), so the parser takes that as ``utf8``.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -424,6 +425,9 @@ def parse_addresses(text: str, grammar: Grammar, *, utf8: bool) -> ParsedAddress
     ``optional-address-list`` (Bcc, Resent-Bcc, which may be empty: RFC 5322 3.6.3).
     Raises AddressError (NeedsUtf8 for UTF-8 outside SMTPUTF8).
     """
+    simple = _simple_mailbox(text)
+    if simple is not None:
+        return ParsedAddresses((simple,), 0)
     parser = _Parser(text, utf8)
     mailboxes, count, groups = parser.address_list(groups=grammar.endswith("address-list"))
     if count == 0 and grammar != "optional-address-list":
@@ -431,6 +435,25 @@ def parse_addresses(text: str, grammar: Grammar, *, utf8: bool) -> ParsedAddress
     if grammar == "mailbox" and count > 1:
         raise AddressError("only one mailbox is allowed")
     return ParsedAddresses(tuple(mailboxes), groups)
+
+
+# The shape most fields have ("a@b.example", "<a@b.example>", "Alice Smith <a@b.example>"),
+# in plain ASCII atoms: recognised by one regular expression, the same Mailbox as the full
+# parser gives (the tests compare the two), without tokenizing. Anything else, including
+# every unusual or invalid form, takes the full parser.
+_DOT_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_ADDR_SPEC = f"{_DOT_ATOM}@{_DOT_ATOM}"
+_PHRASE = r"(?:[A-Za-z0-9]+[ \t]+)*[A-Za-z0-9]*[ \t]*"
+_SIMPLE = re.compile(rf"[ \t]*(?:{_PHRASE}<(?P<angled>{_ADDR_SPEC})>|(?P<bare>{_ADDR_SPEC}))[ \t]*")
+
+
+def _simple_mailbox(text: str) -> Mailbox | None:
+    match = _SIMPLE.fullmatch(text)
+    if match is None:
+        return None
+    group = "angled" if match.group("angled") is not None else "bare"
+    local, _, domain = match.group(group).rpartition("@")
+    return Mailbox(local, domain, match.start(group), match.end(group))
 
 
 def parse_addr_spec(text: str, *, utf8: bool) -> Mailbox:

@@ -173,7 +173,7 @@ class AbuseStore:
         self._on_sync = on_sync
         self._sync_interval = sync_interval
         # Used only by the writer thread once the constructor has returned.
-        self._conn = connect(db_path, check_same_thread=False)
+        self._conn = connect(db_path, check_same_thread=False, relaxed=True)
         try:
             self._generation = 0
             with transaction(self._conn, write=False):

@@ -142,7 +142,9 @@ class SchemaError(Exception):
     """The database was written by a newer submitd; refuse to guess its meaning."""
 
 
-def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+def connect(
+    path: Path, *, check_same_thread: bool = True, relaxed: bool = False
+) -> sqlite3.Connection:
     """An open, migrated connection to the database at `path`, in autocommit mode.
 
     `check_same_thread=False` is for an owner that guards the connection with a lock or
@@ -158,6 +160,11 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
     try:
         _configure(conn)
         migrate(conn)
+        if relaxed:
+            # Bookkeeping whose loss on a power cut is harmless (a counter a second
+            # behind, a delivery recorded twice at worst): commits survive a crash of
+            # the process, and the WAL is flushed at checkpoints rather than per commit.
+            conn.execute("PRAGMA synchronous = NORMAL")
     except BaseException:
         conn.close()
         raise
