@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from submitd.policy.limits import RateLimiter
 from submitd.smtp.session import AUTH_LINE_MAX, SessionSettings
 from submitd.smtp.transport import ListenerContext, SubmissionProtocol
 from submitd.store.database import connect
-from submitd.store.queue import Queue
+from submitd.store.queue import Queue, collect_orphans
 from submitd.submission import Submission
 from submitd.tls import server_context
 
@@ -95,6 +96,10 @@ async def serve(
 ) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     connect(config.database_path).close()  # create or migrate the schema first
+    config.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    orphans = collect_orphans(config.database_path, config.spool_dir, older_than=time.time() - 60)
+    if orphans:
+        log.info("removed %d spool files of messages never acknowledged (a crash)", orphans)
     queue = Queue(config.database_path, config.spool_dir, config.queue)
     verifier = CredentialVerifier(config.database_path, config.auth)
     limiter = RateLimiter(

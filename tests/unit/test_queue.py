@@ -263,3 +263,34 @@ def test_storage_error_for_other_failures(tmp_path: Path) -> None:
     asyncio.run(main())
     conn = connect(tmp_path / "submitd.sqlite3")
     assert [read_message_bytes(conn, e.id) for e in list_queue(conn)] == [b"y"]
+
+
+def test_orphaned_spool_files_are_collected(tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import time as clock
+
+    from submitd.config import QueueConfig
+    from submitd.envelope import Envelope, Recipient, SessionInfo
+    from submitd.store.queue import Queue, collect_orphans, new_queue_id
+
+    db, spool = tmp_path / "q.sqlite3", tmp_path / "spool"
+    queue = Queue(db, spool, QueueConfig(inline_max=10))
+
+    async def keep_one() -> str:
+        writer = queue.open_message(new_queue_id())
+        writer.write(b"x" * 100)  # spooled: larger than inline_max
+        await queue.commit(
+            writer, Envelope("a@b.example", [Recipient("c@d.example")]), SessionInfo("s", "::1", 1)
+        )
+        await queue.close()
+        return writer.queue_id
+
+    kept = asyncio.run(keep_one())
+    for name in ("lost.tmp", "lost.eml", "fresh.tmp"):
+        (spool / name).write_bytes(b"never acknowledged")
+    old = clock.time() - 3600
+    for name in ("lost.tmp", "lost.eml"):
+        os.utime(spool / name, (old, old))
+    assert collect_orphans(db, spool, older_than=clock.time() - 60) == 2
+    assert sorted(p.name for p in spool.iterdir()) == sorted([f"{kept}.eml", "fresh.tmp"])

@@ -418,6 +418,32 @@ class Queue:
             return str(path)
 
 
+def collect_orphans(db_path: Path, spool_dir: Path, *, older_than: float) -> int:
+    """Remove spool files no queue row refers to, last changed before `older_than`.
+
+    A crash while a large message is being received leaves its `.tmp` file, and a crash
+    between the rename and the row's commit leaves an `.eml`: neither was ever
+    acknowledged, so neither is a message. The age threshold spares a file that another
+    process (a CLI bounce) is writing at this moment. Returns how many were removed.
+    """
+    database_dir = db_path.parent.resolve()
+    conn = connect(db_path)
+    try:
+        rows = conn.execute("SELECT body_path FROM queue WHERE body_path IS NOT NULL")
+        referenced = {(database_dir / str(row[0])).resolve() for row in rows}
+    finally:
+        conn.close()
+    removed = 0
+    for path in spool_dir.glob("*"):
+        if path.suffix not in (".tmp", ".eml") or path.resolve() in referenced:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < older_than:
+                path.unlink()
+                removed += 1
+    return removed
+
+
 def _fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
