@@ -327,3 +327,20 @@ def test_every_reply_has_enhanced_code() -> None:
     for reply in vars(R).values():
         if isinstance(reply, Reply) and reply.code not in (354,):
             assert reply.enhanced is not None, reply
+
+
+def test_third_failed_auth_closes() -> None:
+    session = Session(SETTINGS, tls=True)
+    session.receive_data(b"EHLO c.example.org\r\n")
+    for expected in ("535 5.7.8", "535 5.7.8", "421 4.7.0"):
+        events = session.receive_data(f"AUTH PLAIN {PLAIN}\r\n".encode())
+        assert isinstance(events[-1], Authenticate)
+        events = session.auth_result(None)
+        assert codes(events) == [expected]
+    assert isinstance(events[-1], Close) and session.closed
+    # A temporary failure (454) is not the client's fault and does not count.
+    session = Session(SETTINGS, tls=True)
+    session.receive_data(b"EHLO c.example.org\r\n")
+    for _ in range(4):
+        session.receive_data(f"AUTH PLAIN {PLAIN}\r\n".encode())
+        assert codes(session.auth_result(None, failure=R.AUTH_TEMPORARY)) == ["454 4.7.0"]

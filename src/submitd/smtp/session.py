@@ -144,7 +144,7 @@ class Session:
             return []  # closed meanwhile (timeout, shutdown)
         self._mode = Mode.COMMAND
         if principal is None:
-            self.auth_failures += 1
+            self.auth_failures += failure.code == 535  # a 454 is not the client's fault
             if failure.code == 535 and self.auth_failures >= self.settings.max_auth_failures:
                 self._close(_AUTH_CLOSING)  # a guesser gets no more tries on this connection
                 events, self._events = self._events, []
