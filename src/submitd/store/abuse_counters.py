@@ -36,15 +36,12 @@ many addresses cannot grow the file without bound.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from submitd.store.batching import BatchedWriter
 from submitd.store.database import connect, transaction
 
 logger = logging.getLogger("submitd.store.abuse_counters")
@@ -155,113 +152,37 @@ class AbuseStoreError(Exception):
     """The counters could not be saved; they stay pending and are retried."""
 
 
-_Waiter = tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
+_Rows = tuple[list[CounterRow], list[KnownGood]]
 
 
-@dataclass(slots=True)
-class _Work:
-    operations: list[Operation]
-    waiters: list[_Waiter]
-    prune: Prune | None
-    final: bool
-
-
-class AbuseStore:
+class AbuseStore(BatchedWriter[Operation, Prune, _Rows]):
     """Persists the throttle's operations in batches and reports merged rows."""
+
+    description = "abuse counters"
+    error_type = AbuseStoreError
+    retry_seconds = _RETRY_SECONDS
 
     def __init__(self, db_path: Path, on_sync: SyncCallback, *, sync_interval: float = 1.0) -> None:
         self._on_sync = on_sync
-        self._sync_interval = sync_interval
-        # Used only by the writer thread once the constructor has returned.
-        self._conn = connect(db_path, check_same_thread=False, relaxed=True)
+        conn = connect(db_path, check_same_thread=False, relaxed=True)
+        super().__init__(conn, sync_interval=sync_interval, thread_name="submitd-abuse")
         try:
             self._generation = 0
             with transaction(self._conn, write=False):
                 counters, known = self._read_changes()
             on_sync((), counters, known)
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
-        self._pending: list[Operation] = []
-        self._waiters: list[_Waiter] = []
-        self._prune: Prune | None = None
-        self._retry_at = 0.0
-        self._wakeup = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="submitd-abuse", daemon=True)
-        self._thread.start()
-
-    def add(self, operations: Iterable[Operation]) -> None:
-        """Queue operations for the next cycle; returns at once (safe on the event loop)."""
-        with self._wakeup:
-            if self._closing:
-                logger.warning("abuse counters closed; operations not saved")
-                return
-            self._pending.extend(operations)
-            self._wakeup.notify()
+        self._start()
 
     def prune(self, prune: Prune) -> None:
         """Ask the next cycle to delete what no longer counts (the latest request wins)."""
-        with self._wakeup:
-            self._prune = prune
+        self._request_prune(prune)
 
-    async def sync(self) -> None:
-        """Return after a full cycle that started after this call: what was added before
-        is committed, and the callback has seen every other process's earlier commits."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._wakeup:
-            if self._closing:
-                raise AbuseStoreError("abuse counters are closed")
-            self._waiters.append((loop, future))
-            self._retry_at = 0.0
-            self._wakeup.notify()
-        await future
-
-    async def close(self) -> None:
-        """Commit what is pending, then stop the writer thread and close the database."""
-        with self._wakeup:
-            self._closing = True
-            self._wakeup.notify()
-        await asyncio.to_thread(self._thread.join)
-
-    def _run(self) -> None:
-        try:
-            while True:
-                work = self._next_work()
-                self._cycle(work)
-                if work.final:
-                    return
-        finally:
-            self._conn.close()
-
-    def _next_work(self) -> _Work:
-        """Wait for operations, a sync request, closing, or the periodic merge."""
-        with self._wakeup:
-            deadline = time.monotonic() + self._sync_interval
-            while not self._closing and not self._waiters:
-                now = time.monotonic()
-                if self._pending and now >= self._retry_at:
-                    break
-                wait_until = deadline if not self._pending else min(deadline, self._retry_at)
-                if now >= wait_until:
-                    break
-                self._wakeup.wait(wait_until - now)
-            work = _Work(self._pending, self._waiters, self._prune, self._closing)
-            self._pending, self._waiters, self._prune = [], [], None
-            return work
-
-    def _cycle(self, work: _Work) -> None:
-        try:
-            counters, known = self._apply(work.operations, work.prune)
-        except Exception as error:  # never let the thread die with waiters
-            self._failed(work, error)
-            return
-        try:
-            self._on_sync(work.operations, counters, known)
-        except Exception:  # a bug there must not stop the saving of counts
-            logger.exception("abuse counter callback failed")
-        _settle_all(work.waiters, None)
+    def _report(self, operations: list[Operation], result: _Rows) -> None:
+        counters, known = result
+        self._on_sync(operations, counters, known)
 
     def _apply(
         self, operations: list[Operation], prune: Prune | None
@@ -304,23 +225,6 @@ class AbuseStore:
             [KnownGood(*row[:3]) for row in known],
         )
 
-    def _failed(self, work: _Work, error: Exception) -> None:
-        """Keep the operations for the next cycle (or report them lost when closing)."""
-        if work.final:
-            logger.error(
-                "abuse counters not saved at close (%d operations lost): %s",
-                len(work.operations),
-                error,
-            )
-        else:
-            logger.warning("cannot save abuse counters, will retry: %s", error)
-            with self._wakeup:
-                self._pending[:0] = work.operations
-                if self._prune is None:
-                    self._prune = work.prune
-                self._retry_at = time.monotonic() + _RETRY_SECONDS
-        _settle_all(work.waiters, AbuseStoreError(f"cannot save abuse counters: {error}"))
-
 
 def _batched(
     operations: Sequence[Operation],
@@ -344,18 +248,3 @@ def _batched(
             pair = (op.network, op.login)
             known[pair] = max(op.last_success, known.get(pair, op.last_success))
     return list(resets), adds, known
-
-
-def _settle_all(waiters: list[_Waiter], error: Exception | None) -> None:
-    for loop, future in waiters:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            loop.call_soon_threadsafe(_settle, future, error)
-
-
-def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)

@@ -22,9 +22,10 @@ SQLite's lock, so generations are committed in increasing order: a reader that h
 everything up to generation g misses nothing by asking for `generation > g` next time,
 and reads only the rows that changed (cheap with thousands of idle users).
 
-Durability: the connection uses `synchronous=FULL` (store/database.py), so a committed
-cycle survives a crash. What a crash can forget is only what was added but not yet
-committed: the increments of the current batch, a few milliseconds' worth.
+Durability: the connection is relaxed (`synchronous=NORMAL`, store/database.py): a
+committed cycle survives a crash of the process, and a power cut may lose the last
+second. What a process crash can forget is only what was added but not yet committed:
+the increments of the current batch, a few milliseconds' worth.
 
 Rows are kept per (login, kind, window_start) with the window's end; the store does
 not interpret windows, it only deletes rows whose window has ended when asked.
@@ -32,16 +33,13 @@ not interpret windows, it only deletes rows whose window has ended when asked.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from submitd.store.batching import BatchedWriter
 from submitd.store.database import connect, transaction
 
 logger = logging.getLogger("submitd.store.counters")
@@ -93,108 +91,34 @@ class CounterError(Exception):
     """The counters could not be saved; they stay pending and are retried."""
 
 
-@dataclass(slots=True)
-class _Work:
-    increments: list[Increment]
-    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]
-    prune_before: int | None
-    final: bool
-
-
-class CounterStore:
+class CounterStore(BatchedWriter[Increment, int, list[CounterRow]]):
     """Persists increments in batches and reports merged totals; see the module doc."""
+
+    description = "rate counters"
+    error_type = CounterError
+    retry_seconds = _RETRY_SECONDS
 
     def __init__(self, db_path: Path, on_sync: SyncCallback, *, sync_interval: float = 1.0) -> None:
         self._on_sync = on_sync
-        self._sync_interval = sync_interval
-        # Used only by the writer thread once the constructor has returned.
-        self._conn = connect(db_path, check_same_thread=False, relaxed=True)
+        conn = connect(db_path, check_same_thread=False, relaxed=True)
         try:
-            self._generation, rows = _load(self._conn)
+            self._generation, rows = _load(conn)
             on_sync((), rows)
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
-        self._pending: list[Increment] = []
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._prune_before: int | None = None
-        self._retry_at = 0.0
-        self._wakeup = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="submitd-counters", daemon=True)
-        self._thread.start()
-
-    def add(self, increments: Iterable[Increment]) -> None:
-        """Queue increments for the next cycle; returns at once (safe on the event loop)."""
-        with self._wakeup:
-            if self._closing:
-                logger.warning("rate counters closed; increments not saved")
-                return
-            self._pending.extend(increments)
-            self._wakeup.notify()
+        super().__init__(conn, sync_interval=sync_interval, thread_name="submitd-counters")
+        self._start()
 
     def prune(self, before: int) -> None:
         """Ask the next cycle to delete rows whose window ended at or before `before`."""
-        with self._wakeup:
-            self._prune_before = max(before, self._prune_before or before)
+        self._request_prune(before)
 
-    async def sync(self) -> None:
-        """Return after a full cycle that started after this call: what was added before
-        is committed, and the callback has seen every other process's earlier commits."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._wakeup:
-            if self._closing:
-                raise CounterError("rate counters are closed")
-            self._waiters.append((loop, future))
-            self._retry_at = 0.0
-            self._wakeup.notify()
-        await future
+    def _merge_prune(self, current: int | None, new: int) -> int:
+        return new if current is None else max(current, new)
 
-    async def close(self) -> None:
-        """Commit what is pending, then stop the writer thread and close the database."""
-        with self._wakeup:
-            self._closing = True
-            self._wakeup.notify()
-        await asyncio.to_thread(self._thread.join)
-
-    def _run(self) -> None:
-        try:
-            while True:
-                work = self._next_work()
-                self._cycle(work)
-                if work.final:
-                    return
-        finally:
-            self._conn.close()
-
-    def _next_work(self) -> _Work:
-        """Wait for increments, a sync request, closing, or the periodic merge."""
-        with self._wakeup:
-            deadline = time.monotonic() + self._sync_interval
-            while not self._closing and not self._waiters:
-                now = time.monotonic()
-                if self._pending and now >= self._retry_at:
-                    break
-                wait_until = deadline if not self._pending else min(deadline, self._retry_at)
-                if now >= wait_until:
-                    break
-                self._wakeup.wait(wait_until - now)
-            work = _Work(self._pending, self._waiters, self._prune_before, self._closing)
-            self._pending, self._waiters, self._prune_before = [], [], None
-            return work
-
-    def _cycle(self, work: _Work) -> None:
-        try:
-            rows = self._apply(work.increments, work.prune_before)
-        except Exception as error:  # never let the thread die with waiters (as the queue)
-            self._failed(work, error)
-            return
-        try:
-            self._on_sync(work.increments, rows)
-        except Exception:  # a bug there must not stop the saving of counts
-            logger.exception("rate counter callback failed")
-        _settle_all(work.waiters, None)
+    def _report(self, operations: list[Increment], result: list[CounterRow]) -> None:
+        self._on_sync(operations, result)
 
     def _apply(self, increments: list[Increment], prune_before: int | None) -> list[CounterRow]:
         if not increments and prune_before is None:
@@ -215,23 +139,6 @@ class CounterStore:
             self._generation = max(int(row[5]) for row in rows)
         return [CounterRow(*row[:5]) for row in rows]
 
-    def _failed(self, work: _Work, error: Exception) -> None:
-        """Keep the increments for the next cycle (or report them lost when closing)."""
-        if work.final:
-            logger.error(
-                "rate counters not saved at close (%d increments lost): %s",
-                len(work.increments),
-                error,
-            )
-        else:
-            logger.warning("cannot save rate counters, will retry: %s", error)
-            with self._wakeup:
-                self._pending[:0] = work.increments
-                if work.prune_before is not None:
-                    self._prune_before = max(work.prune_before, self._prune_before or 0)
-                self._retry_at = time.monotonic() + _RETRY_SECONDS
-        _settle_all(work.waiters, CounterError(f"cannot save rate counters: {error}"))
-
 
 def _load(conn: sqlite3.Connection) -> tuple[int, list[CounterRow]]:
     """Every row and the generation they are current to, from one snapshot."""
@@ -251,21 +158,3 @@ def _summed(increments: list[Increment]) -> dict[tuple[str, str, int, int], int]
         key = (item.login, item.kind, item.start, item.end)
         sums[key] = sums.get(key, 0) + item.amount
     return sums
-
-
-def _settle_all(
-    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]],
-    error: Exception | None,
-) -> None:
-    for loop, future in waiters:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            loop.call_soon_threadsafe(_settle, future, error)
-
-
-def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
