@@ -57,3 +57,15 @@ class SessionInfo:
     tls_version: str | None = None
     tls_cipher: str | None = None
     user: str | None = None  # the authenticated login
+
+    def to_json(self) -> dict[str, Any]:
+        """Built by hand: `dataclasses.asdict` costs more than the rest of a commit."""
+        return {
+            "session_id": self.session_id,
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "ehlo_name": self.ehlo_name,
+            "tls_version": self.tls_version,
+            "tls_cipher": self.tls_cipher,
+            "user": self.user,
+        }

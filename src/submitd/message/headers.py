@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from email.utils import getaddresses
 
+from submitd.message.addresses import AddressError, parse_addresses
+
 HEADER_END = b"\r\n\r\n"
 
 
@@ -50,5 +52,18 @@ def _unfold(parts: list[bytes]) -> str:
 
 
 def addresses(values: list[str]) -> list[str]:
-    """The addr-specs in address-list values; groups contribute their members."""
-    return [address for _name, address in getaddresses(values) if address]
+    """The addr-specs in address-list values; groups contribute their members.
+
+    Values that the strict parser of the cleanup stage accepts (every From: that reached
+    the commit did) are read with it, fast path included; anything else falls back to
+    the lenient stdlib reader.
+    """
+    found: list[str] = []
+    for value in values:
+        try:
+            parsed = parse_addresses(value, "optional-address-list", utf8=True)
+        except AddressError:
+            found += [address for _name, address in getaddresses([value]) if address]
+            continue
+        found += [mailbox.address for mailbox in parsed.mailboxes]
+    return found

@@ -48,7 +48,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +309,7 @@ class Queue:
         duplicate risk (RFC 1047), never a loss.
         """
         envelope_json = json.dumps(envelope.to_json())
-        session_json = json.dumps(asdict(session))
+        session_json = json.dumps(session.to_json())
         writer._seal()
         loop = asyncio.get_running_loop()
         item = _Pending(
