@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import select
 import signal
@@ -200,5 +201,22 @@ def test_sighup_reloads_the_certificate_and_keeps_a_bad_config_out(tmp_path: Pat
         assert "reload failed" in server.log_text()
         assert server.process.poll() is None
         assert _served_certificate(server, cert) == after
+    finally:
+        server.stop()
+
+
+def test_tls_hello_on_the_starttls_port_is_closed_at_once(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    try:
+        sock = socket.create_connection((server.host, server.starttls_port), timeout=5)
+        assert sock.recv(100).startswith(b"220 ")
+        context = ssl.create_default_context()
+        tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        started = time.monotonic()
+        sock.sendall(outgoing.read())  # a real ClientHello
+        assert sock.recv(100) == b""
+        assert time.monotonic() - started < 2
     finally:
         server.stop()

@@ -67,6 +67,7 @@ _session_numbers = itertools.count(1)
 _PROCESS_TAG = f"{os.getpid():x}"
 _BLOCKED_AUTH = R.reply(454, "4.7.0", "Too many failed logins from your network; try later")
 _RATE_CHECK_EVERY = 5.0
+_TLS_HANDSHAKE = b"\x16\x03"  # a TLS record of type handshake, versions 3.x
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -115,6 +116,7 @@ class SubmissionProtocol(asyncio.Protocol):
         self._raw: list[bytes] | None = None
         self._delayed_until = 0.0  # error pacing: nothing is written before this
         self._errors_seen = 0  # session.errors when the last batch was carried out
+        self._first_input = True
         self._timer_when = 0.0
         self._draft: Draft | None = None
         self._principal: AuthenticatedUser | None = None
@@ -149,6 +151,13 @@ class SubmissionProtocol(asyncio.Protocol):
         if self._upgrading or not self._greeted:
             self._held.append(data)
             return
+        if not self.session.tls and data[:2] == _TLS_HANDSHAKE and self._first_input:
+            # A TLS ClientHello on the STARTTLS port (a client set up for 465): it will
+            # never send a line, so close now rather than hold a slot until the timeout.
+            log.info("session=%s TLS handshake on a plaintext port; closing", self.session_id)
+            self._abort()
+            return
+        self._first_input = False
         if self.session.in_content:
             self._count_content(len(data))
         self._carry_out(self.session.receive_data(data))
