@@ -54,7 +54,7 @@ def test_readme_quickstart(tmp_path: Path) -> None:
             time.sleep(0.1)
         password = (workdir / "submitd-data" / "dev-password").read_text().strip()
         swaks = shutil.which("swaks")
-        assert swaks, "swaks is installed by scripts/test.sh"
+        assert swaks, "swaks is installed by scripts/install-test-deps.sh"
         sent = subprocess.run(
             [
                 swaks,
