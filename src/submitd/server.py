@@ -105,7 +105,7 @@ async def serve(
     limiter = RateLimiter(
         config.database_path, config.policy, postmaster=f"postmaster@{config.hostname}"
     )
-    delivery = _start_delivery(config, queue) if config.delivery.enabled else None
+    delivery = _Delivery(config, queue) if config.delivery.enabled else None
     submission = Submission(config, verifier, queue, limiter)
     if delivery is not None:
         submission.on_commit = delivery.wake
@@ -166,10 +166,6 @@ class _Delivery:
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
         await self.router.close()
-
-
-def _start_delivery(config: Config, queue: Queue) -> _Delivery:
-    return _Delivery(config, queue)
 
 
 def _networks(config: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

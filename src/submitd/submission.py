@@ -33,7 +33,6 @@ from submitd.message.cleanup import (
 )
 from submitd.message.dkim import SigningKey, load_signing_key, sign
 from submitd.message.draft import Draft, Rejection
-from submitd.message.headers import addresses, field_values
 from submitd.message.received import received_field
 from submitd.message.repair import RepairImpossible, repair_8bit
 from submitd.policy.limits import RateLimiter, RejectionLog
@@ -44,10 +43,6 @@ from submitd.store.users import User, may_send_as
 
 log = logging.getLogger("submitd.submission")
 
-_HEADER_FROM_NOT_OWNED = R.reply(
-    550, "5.7.1", "From: header address not owned by the authenticated user"
-)
-_NOT_8BIT = R.reply(554, "5.6.0", "Message has 8-bit data but was declared 7BIT; use BODY=8BITMIME")
 _INLINE_SIGNING_MAX = 64 * 1024  # sign smaller messages on the loop, larger in a thread
 
 
@@ -205,16 +200,16 @@ class Submission:
         assert draft.header is not None
         # RFC 6152 / RFC 6409 8.4: 8-bit octets need BODY=8BITMIME (or BINARYMIME).
         if draft.eight_bit and draft.envelope.body == "7BIT":
-            return _NOT_8BIT
+            return R.NOT_8BIT_CLEAN
         refusal = self.limiter.check_size(principal.login, draft.writer.size)
         if refusal is not None:
             return refusal
         # RFC 6409 6.1: the From: header names the user's own addresses.
         if principal.user.relaxed_header_from:
             return None
-        for address in addresses(field_values(draft.header, "From")):
+        for address in draft.authors():
             if not may_send_as(principal.user, address):
-                return _HEADER_FROM_NOT_OWNED
+                return R.HEADER_FROM_NOT_OWNED
         return None
 
     def _rewritten(self, envelope: Envelope) -> Envelope:
@@ -232,7 +227,7 @@ class Submission:
     async def _signatures(self, draft: Draft) -> bytes:
         """DKIM-Signature fields for the From: domain (RFC 6376), after every fix-up."""
         assert draft.header is not None
-        keys = self._keys_for(draft.header)
+        keys = self._keys_for(draft.authors())
         if not keys:
             return b""
         header = draft.header
@@ -240,11 +235,8 @@ class Submission:
             return sign(header, draft.body_chunks(), keys)
         return await asyncio.to_thread(lambda: sign(header, draft.body_chunks(), keys))
 
-    def _keys_for(self, header: bytes) -> Sequence[SigningKey]:
-        if not self.keys:
-            return ()
-        senders = addresses(field_values(header, "From"))
-        if not senders:
+    def _keys_for(self, senders: list[str]) -> Sequence[SigningKey]:
+        if not self.keys or not senders:
             return ()
         domain = senders[0].rpartition("@")[2].lower()
         keys = self.keys.get(domain, ())

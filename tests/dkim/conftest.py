@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from click.testing import CliRunner
 
 from submitd.cli.dkim import dkim as dkim_cli
 from submitd.message import dkim
+from tests.delivery.dns_fixture import running_dnsmasq, txt
 
 DOMAIN = "example.org"
 NETNS_HELPER = Path(__file__).with_name("netns_verify.py")
@@ -69,31 +68,9 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, PublishedKe
 
 
 def dnsmasq_conf(keys: dict[str, PublishedKey]) -> str:
-    """txt-record lines in dnsmasq's configuration-file syntax.
-
-    In a configuration file dnsmasq reads "..." as one character-string (it does not
-    strip quotes given on its command line), so the strings the CLI printed are
-    published exactly as they are, one per quoted item.
-    """
-    lines = []
-    for published_key in keys.values():
-        items = ",".join(f'"{s}"' for s in published_key.strings)
-        lines.append(f"txt-record={published_key.name},{items}\n")
-    return "".join(lines)
-
-
-def _free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 (dnsmasq listens on both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
+    """txt-record lines in dnsmasq's configuration-file syntax, the strings the CLI
+    printed published exactly as they are (one quoted item per character-string)."""
+    return "".join(txt(key.name, *key.strings) + "\n" for key in keys.values())
 
 
 @dataclass
@@ -123,50 +100,12 @@ class DnsServer:
 def dns_server(
     published: dict[str, PublishedKey], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DnsServer]:
-    """dnsmasq on 127.0.0.1:<free port>, serving the records the CLI printed."""
-    if shutil.which("dnsmasq") is None:
-        pytest.skip("dnsmasq not installed (Debian package dnsmasq-base)")
+    """dnsmasq on 127.0.0.1:<free port> (the delivery tests' fixture), serving the
+    records the CLI printed."""
     pytest.importorskip("dns.resolver", reason="dnspython not installed")
-    root = tmp_path_factory.mktemp("dnsmasq")
-    conf = root / "dnsmasq.conf"
-    conf.write_text(dnsmasq_conf(published))
-    for _attempt in range(5):
-        server = DnsServer(_free_port())
-        log = (root / "dnsmasq.log").open("wb")
-        process = subprocess.Popen(
-            [
-                "dnsmasq",
-                f"--conf-file={conf}",
-                "--keep-in-foreground",
-                "--no-resolv",  # never forward a query off the machine
-                "--no-hosts",
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                f"--port={server.port}",
-                "--pid-file=",
-                "--log-facility=-",
-            ],
-            stdout=log,
-            stderr=log,
-        )
-        deadline = time.monotonic() + 10
-        probe = next(iter(published.values())).name
-        while process.poll() is None and time.monotonic() < deadline:
-            try:
-                if server.txt(probe, timeout=0.5):
-                    break
-            except AssertionError:
-                pass
-        if process.poll() is None and server.txt(probe):
-            try:
-                yield server
-            finally:
-                process.terminate()
-                process.wait(timeout=10)
-            return
-        process.kill()
-        process.wait()
-    pytest.fail(f"dnsmasq did not start: {(root / 'dnsmasq.log').read_text()}")
+    records = [txt(key.name, *key.strings) for key in published.values()]
+    with running_dnsmasq(records, tmp_path_factory.mktemp("dnsmasq")) as dnsmasq:
+        yield DnsServer(dnsmasq.port)
 
 
 @dataclass

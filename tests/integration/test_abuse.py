@@ -21,15 +21,10 @@ from tests.integration.rawclient import RawClient, code_of
 BAD = "AUTH PLAIN " + base64.b64encode(b"\0alice@example.org\0wrong").decode()
 
 
-def BoundClient(server: RunningServer, source: str, *, implicit_tls: bool = True) -> RawClient:
-    """A client whose connection comes from a chosen loopback address."""
-    return RawClient(server, implicit_tls=implicit_tls, source=source)
-
-
 def test_failed_auth_is_delayed_and_the_third_closes(tmp_path: Path) -> None:
     server = make_server(tmp_path, abuse=True)
     try:
-        client = BoundClient(server, "127.0.0.2")
+        client = RawClient(server, implicit_tls=True, source="127.0.0.2")
         client.command("EHLO client.example.org")
         started = time.monotonic()
         assert code_of(client.command(BAD)) == "535 5.7.8"
@@ -44,11 +39,13 @@ def test_failed_auth_is_delayed_and_the_third_closes(tmp_path: Path) -> None:
 def test_failure_window_blocks_the_network(tmp_path: Path) -> None:
     server = make_server(tmp_path, "[abuse]\nfail_per_minute = [10, 3, 90]\n", abuse=True)
     try:
-        waiting = BoundClient(server, "127.0.0.9")  # opened before the block
+        waiting = RawClient(
+            server, implicit_tls=True, source="127.0.0.9"
+        )  # opened before the block
         waiting.command("EHLO client.example.org")
 
         def fail(source: str) -> None:
-            client = BoundClient(server, source)
+            client = RawClient(server, implicit_tls=True, source=source)
             client.command("EHLO client.example.org")
             assert code_of(client.command(BAD)) == "535 5.7.8"
 
@@ -58,7 +55,7 @@ def test_failure_window_blocks_the_network(tmp_path: Path) -> None:
         for thread in threads:
             thread.join()
         # The /26 saw 3 failures in a minute: new connections are refused at the greeting
-        late = BoundClient(server, "127.0.0.5", implicit_tls=False)
+        late = RawClient(server, source="127.0.0.5")
         assert late.greeting[0] == 421 and late.greeting[1].startswith("4.7.0")
         # ... and AUTH in a session already open gets 454 without a password check.
         good = (
@@ -67,7 +64,7 @@ def test_failure_window_blocks_the_network(tmp_path: Path) -> None:
         )
         assert code_of(waiting.command(good)) == "454 4.7.0"
         # Another network is not affected.
-        assert BoundClient(server, "127.0.1.200").greeting[0] == 220
+        assert RawClient(server, implicit_tls=True, source="127.0.1.200").greeting[0] == 220
     finally:
         server.stop()
 
@@ -75,16 +72,16 @@ def test_failure_window_blocks_the_network(tmp_path: Path) -> None:
 def test_connection_limits(tmp_path: Path) -> None:
     server = make_server(tmp_path, "[abuse]\nmax_sessions_per_group = 2\n", abuse=True)
     try:
-        first = BoundClient(server, "127.0.0.2", implicit_tls=False)
-        second = BoundClient(server, "127.0.0.2", implicit_tls=False)
-        third = BoundClient(server, "127.0.0.2", implicit_tls=False)
+        first = RawClient(server, source="127.0.0.2")
+        second = RawClient(server, source="127.0.0.2")
+        third = RawClient(server, source="127.0.0.2")
         assert first.greeting[0] == second.greeting[0] == 220
         assert (
             third.greeting[0] == 421 and "Too many connections from 127.0.0.2" in third.greeting[1]
         )
         first.command("QUIT")
         time.sleep(0.2)
-        assert BoundClient(server, "127.0.0.2", implicit_tls=False).greeting[0] == 220
+        assert RawClient(server, source="127.0.0.2").greeting[0] == 220
     finally:
         server.stop()
 

@@ -15,7 +15,7 @@ from tests.integration.rawclient import RawClient, code_of
 TRUSTED = 'proxy_protocol_from = ["127.0.0.1/32"]\n'
 
 
-def through(server: RunningServer, port: int, *, implicit_tls: bool) -> RunningServer:
+def through(server: RunningServer, port: int) -> RunningServer:
     """The same server as seen through HAProxy's port."""
     view = RunningServer(root=server.root, user=server.user, password=server.password)
     view.starttls_port = port
@@ -36,7 +36,7 @@ def test_client_address_comes_from_the_proxy_header(
         backend = server.tls_port if implicit_tls else server.starttls_port
         front = free_port()
         start_haproxy(front, "127.0.0.1", backend, mode)
-        view = through(server, front, implicit_tls=implicit_tls)
+        view = through(server, front)
         client = RawClient(view, implicit_tls=implicit_tls, source="127.0.0.7").ready()
         assert client.command("MAIL FROM:<alice@example.org>")[0] == 250
         client.command("RCPT TO:<bob@example.net>")

@@ -81,13 +81,6 @@ def lease_due(
     return ids
 
 
-def next_due(conn: sqlite3.Connection) -> float | None:
-    row = conn.execute(
-        "SELECT min(max(next_attempt, lease_until)) FROM queue WHERE state = 'queued'"
-    ).fetchone()
-    return None if row is None or row[0] is None else float(row[0])
-
-
 def load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
     """The message's envelope and its pending recipients (rows made on first use)."""
     with transaction(conn):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from submitd.envelope import Envelope
+from submitd.message.headers import addresses, field_values
 from submitd.smtp import replies as R
 from submitd.smtp.replies import Reply
 from submitd.store.queue import SpoolWriter, StorageError, StorageFull
@@ -43,6 +44,7 @@ class Draft:
     header: bytes | None = None  # the cleaned header section, once written
     eight_bit: bool = False  # octets above 127 seen (in the header or body)
     _pending: bytearray = field(default_factory=bytearray)
+    _authors: list[str] | None = None
 
     @property
     def queue_id(self) -> str:
@@ -76,6 +78,14 @@ class Draft:
             self.rejection = _NO_SEPARATOR  # RFC 5322 2.1 via issue: reject, don't guess
         return self.rejection
 
+    def authors(self) -> list[str]:
+        """The From: addresses of the cleaned header, read once: the rights check and
+        the choice of DKIM keys both need them."""
+        if self._authors is None:
+            assert self.header is not None
+            self._authors = addresses(field_values(self.header, "From"))
+        return self._authors
+
     def body_chunks(self) -> Iterator[bytes]:
         """The body as stored (call from a thread: a spooled body is read from disk)."""
         return self.writer.content_chunks(self.body_offset)
@@ -94,6 +104,7 @@ class Draft:
         self.writer.write(b"\r\n")
         self.writer.write(body)
         self.header = header
+        self._authors = None
         self.eight_bit = not (header + body).isascii()
 
     def _try_header(self) -> None:

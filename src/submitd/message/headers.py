@@ -12,20 +12,6 @@ from email.utils import getaddresses
 
 from submitd.message.addresses import AddressError, parse_addresses
 
-HEADER_END = b"\r\n\r\n"
-
-
-def header_section(head: bytes) -> bytes:
-    """The header section of a message whose first octets are `head`.
-
-    If the separator is not within `head`, all of `head` is taken as header: a header
-    larger than that is malformed for our purposes and checked elsewhere.
-    """
-    if head.startswith(b"\r\n"):
-        return b""
-    end = head.find(HEADER_END)
-    return head if end < 0 else head[: end + 2]
-
 
 def field_values(header: bytes, name: str) -> list[str]:
     """Unfolded values of every field called `name` (case-insensitive)."""

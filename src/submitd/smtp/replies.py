@@ -29,10 +29,6 @@ class Reply:
             out.append(f"{self.code}{sep}{prefix}{line}\r\n")
         return "".join(out).encode("utf-8")
 
-    @property
-    def is_positive(self) -> bool:
-        return self.code < 400
-
 
 def reply(code: int, enhanced: str | None, text: str) -> Reply:
     return Reply(code, enhanced, text)
@@ -71,7 +67,6 @@ UNKNOWN_COMMAND = reply(500, "5.5.1", "Command not recognized")
 BARE_LINE_ENDING = reply(500, "5.5.2", "Bare CR or LF not allowed; lines end with CRLF")
 SYNTAX_ARGS = reply(501, "5.5.4", "Syntax error in parameters")
 NOT_IMPLEMENTED = reply(502, "5.5.1", "Command not implemented")
-BAD_SEQUENCE = reply(503, "5.5.1", "Bad sequence of commands")
 AUTH_CANCELLED = reply(501, "5.0.0", "Authentication cancelled")
 AUTH_BAD_BASE64 = reply(501, "5.5.2", "Cannot decode base64")
 AUTH_MECH_UNKNOWN = reply(504, "5.5.4", "Unrecognized authentication mechanism")
@@ -89,4 +84,10 @@ DATA_LINE_TOO_LONG = reply(
 DATA_BARE_LINE_ENDING = reply(
     554, "5.6.0", "Message has a bare CR or LF; lines end with CRLF (RFC 5321 2.3.8)"
 )
-NOT_8BIT_CLEAN = reply(554, "5.6.0", "Message has 8-bit data but BODY=8BITMIME was not given")
+NOT_8BIT_CLEAN = reply(
+    554, "5.6.0", "Message has 8-bit data but was declared 7BIT; use BODY=8BITMIME"
+)
+HEADER_FROM_NOT_OWNED = reply(
+    550, "5.7.1", "From: header address not owned by the authenticated user"
+)
+AUTH_TOO_MANY_FAILURES = reply(421, "4.7.0", "Too many failed authentication attempts, closing")

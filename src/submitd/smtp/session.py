@@ -90,8 +90,6 @@ class Mode(Enum):
     CLOSED = auto()
 
 
-_CLOSING = R.reply(421, "4.7.0", "Too many errors, closing connection")
-_AUTH_CLOSING = R.reply(421, "4.7.0", "Too many failed authentication attempts, closing")
 _EXTENSIONS_BEFORE_SIZE = ("PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8")
 
 
@@ -146,7 +144,9 @@ class Session:
         if principal is None:
             self.auth_failures += failure.code == 535  # a 454 is not the client's fault
             if failure.code == 535 and self.auth_failures >= self.settings.max_auth_failures:
-                self._close(_AUTH_CLOSING)  # a guesser gets no more tries on this connection
+                self._close(
+                    R.AUTH_TOO_MANY_FAILURES
+                )  # a guesser gets no more tries on this connection
                 events, self._events = self._events, []
                 return events
             self._error(failure)
@@ -302,7 +302,7 @@ class Session:
         self._send(reply)
         self.errors += 1
         if self.errors >= self.settings.max_errors:
-            self._close(_CLOSING)
+            self._close(R.TOO_MANY_ERRORS)
 
     def _close_with(self, reply: Reply) -> list[Event]:
         self._close(reply)
