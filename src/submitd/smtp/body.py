@@ -1,9 +1,11 @@
 """Message content framing for DATA and BDAT, scanned with bytes methods.
 
 The body is never walked line by line in Python: a 50 MiB message would cost seconds of
-CPU. Each received piece is checked with `count`, `find`, `replace` and one anchored
-regular expression, all of which run in C. Lines are tracked across piece boundaries,
-so a CRLF or an over-long line split between two TCP reads is judged correctly.
+CPU. A small piece is checked with `count`, `find`, `replace` and one anchored regular
+expression, all of which run in C; a large one (most of a big message arrives in 256 KiB
+reads) with the vectorised scans of `submitd.lines`, ten times cheaper per octet. Lines
+are tracked across piece boundaries, so a CRLF or an over-long line split between two
+TCP reads is judged correctly.
 
 What is refused, and why:
 - a bare CR or a bare LF (RFC 5321 2.3.8): the root of SMTP smuggling, where another
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+
+from submitd.lines import LARGE, crlf_mismatch, dots_after_lf, has_run_without_lf
 
 MAX_LINE = 998  # octets before CRLF, RFC 5321 4.5.3.1.6
 
@@ -80,6 +84,12 @@ class LineChecker:
         return self.problem
 
     def _has_bare_line_ending(self, piece: bytes) -> bool:
+        if len(piece) >= LARGE:
+            starts_with_lf = piece[:1] == b"\n"
+            # A CR that ended the previous piece needs this LF, and an LF here needs it.
+            bare = self._pending_cr != starts_with_lf or crlf_mismatch(piece)
+            self._pending_cr = piece[-1:] == b"\r"
+            return bare
         joined = 1 if self._pending_cr and piece[:1] == b"\n" else 0
         lone_before = self._pending_cr and not joined
         crlf = piece.count(b"\r\n") + joined
@@ -98,6 +108,8 @@ class LineChecker:
         self._line_length = len(piece) - piece.rfind(b"\n") - 1 - (1 if self._pending_cr else 0)
         if too_long or self._line_length > MAX_LINE:
             return True
+        if len(piece) >= LARGE:
+            return has_run_without_lf(piece, first_lf, MAX_LINE + 2)
         return _LONG_LINE.search(piece, first_lf) is not None
 
 
@@ -124,35 +136,48 @@ class DataReader:
             self._keep_tail(buffer)
             return b"", None
         lines, self._tail = buffer[: last_lf + 1], buffer[last_lf + 1 :]
-        end = self._find_end(lines)
+        # Large: the line starts with a dot, found once, serve both the end marker and
+        # unstuffing; small: bytes methods find them (None).
+        dots = dots_after_lf(lines) if len(lines) >= LARGE else None
+        end = self._find_end(lines, dots)
         if end is not None:
             content, rest = lines[:end], lines[end + 3 :] + self._tail
             self._tail = b""
             self.done = True
-            return self._unstuff(content), rest
-        content = self._unstuff(lines)
+            return self._unstuff(content, dots), rest
+        content = self._unstuff(lines, dots)
         # Only a CRLF starts a line that may end the data: after a bare LF a ".\r\n"
         # is content, whichever read it arrives in (RFC 5321 4.1.1.4, smuggling).
         self._at_line_start = lines.endswith(b"\r\n")
         self._keep_tail(self._tail)
         return content, None
 
-    def _find_end(self, lines: bytes) -> int | None:
+    def _find_end(self, lines: bytes, dots: list[int] | None) -> int | None:
         """Offset of the terminating ".\r\n" line within `lines`, if it is there."""
         if self._at_line_start and lines.startswith(b".\r\n"):
             return 0
-        found = lines.find(DATA_END)
-        return None if found < 0 else found + 2
+        if dots is None:
+            found = lines.find(DATA_END)
+            return None if found < 0 else found + 2
+        for dot in dots:
+            if dot >= 2 and lines[dot - 2 : dot + 3] == DATA_END:
+                return dot
+        return None
 
-    def _unstuff(self, lines: bytes) -> bytes:
+    def _unstuff(self, lines: bytes, dots: list[int] | None) -> bytes:
         if not lines:
             return b""
         starts_with_dot = self._at_line_start and lines[:1] == b"."
         # Only after CRLF: a dot after a bare LF is content (the message is refused
         # anyway), so the verdict cannot depend on where a read ended.
-        content = lines.replace(b"\r\n.", b"\r\n")
-        if starts_with_dot:
-            content = content[1:]
+        if dots is None:
+            content = lines.replace(b"\r\n.", b"\r\n")
+            if starts_with_dot:
+                content = content[1:]
+        else:
+            stuffed = [0] if starts_with_dot else []
+            stuffed += [d for d in dots if 2 <= d < len(lines) and lines[d - 2 : d] == b"\r\n"]
+            content = _without(lines, stuffed)
         self.checker.feed(content)
         return content
 
@@ -167,3 +192,12 @@ class DataReader:
         self.checker.feed(tail[: len(tail) - keep])
         self._tail = tail[len(tail) - keep :]
         self._at_line_start = False
+
+
+def _without(data: bytes, offsets: list[int]) -> bytes:
+    """`data` less the octet at each offset (ascending); no copy when there is none."""
+    if not offsets:
+        return data
+    bounds = zip([-1, *offsets], [*offsets, len(data)], strict=True)
+    kept = [data[start + 1 : end] for start, end in bounds]
+    return b"".join(kept)
