@@ -241,6 +241,11 @@ class Peer:
         self.transactions: list[Transaction] = []
         self.attempts: list[Transaction] = []
         self.commands: list[str] = []
+        # (command, whether more input was already waiting when it was read): pipelined
+        # commands (RFC 2920) arrive before the reply to the one before them.
+        self.arrivals: list[tuple[str, bool]] = []
+        # Verbs at which the connection is dropped without a reply, once each.
+        self.drop_once: set[str] = set()
         self.auth_attempts: list[tuple[str, str, str, bool]] = []
         self.connections = 0
         self.concurrent = 0
@@ -296,6 +301,7 @@ class Peer:
         self.transactions.clear()
         self.attempts.clear()
         self.commands.clear()
+        self.arrivals.clear()
         self.auth_attempts.clear()
         self.connections = 0
         self.max_concurrent = self.concurrent
@@ -359,7 +365,12 @@ class _Session:
             except asyncio.IncompleteReadError:
                 return
             self.peer.commands.append(text)
+            # StreamReader keeps what it has read ahead in _buffer (no public API).
+            self.peer.arrivals.append((text, bool(self.reader._buffer)))
             verb = text.split(" ", 1)[0].upper()
+            if verb in self.peer.drop_once:
+                self.peer.drop_once.discard(verb)
+                raise _Closing
             override = self.peer.command_replies.get(verb)
             if override is not None:
                 await self.reply(override)

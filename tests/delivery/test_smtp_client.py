@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from submitd.delivery import smtp_client
 from submitd.delivery.smtp_client import HopPool, HopSettings, utf8_addr_xtext, xtext
 from submitd.delivery.types import Job, Outcome, Status
 from submitd.envelope import Envelope, Recipient
@@ -279,14 +280,53 @@ def test_reply_without_enhanced_code_gets_the_class_default(peer: Peer) -> None:
     assert outcomes[0].reply == "550 5.0.0 unknown"
 
 
-def test_all_recipients_refused_sends_no_data_and_keeps_the_connection(peer: Peer) -> None:
+def test_all_recipients_refused_sends_no_content_and_keeps_the_connection(peer: Peer) -> None:
+    """Pipelined (RFC 2920 3.1), DATA goes out in the group and is refused; either way no
+    content is sent, and the connection is reset and reused."""
     peer.rcpt_replies = {"bad@x.test": "550 5.1.1 no"}
     first, second = send(hop(peer), job(recipients=("bad@x.test",)), job())
     assert statuses(first) == [(Status.FAILED, "5.1.1")]
     assert second[0].status is Status.DELIVERED
-    assert "DATA" in peer.commands and peer.commands.count("DATA") == 1
+    assert peer.commands.count("DATA") == 2 and len(peer.transactions) == 1
     assert "RSET" in peer.commands
     assert peer.connections == 1
+
+
+def test_all_recipients_refused_without_pipelining_sends_no_data(peer: Peer) -> None:
+    peer.extensions = ["8BITMIME", "ENHANCEDSTATUSCODES"]
+    peer.rcpt_replies = {"bad@x.test": "550 5.1.1 no"}
+    first, second = send(hop(peer), job(recipients=("bad@x.test",)), job())
+    assert statuses(first) == [(Status.FAILED, "5.1.1")]
+    assert second[0].status is Status.DELIVERED
+    assert peer.commands.count("DATA") == 1
+    assert peer.connections == 1
+
+
+def test_envelope_is_pipelined_when_offered(peer: Peer) -> None:
+    """MAIL, every RCPT and DATA in one group; the content waits for 354."""
+    [outcomes] = send(hop(peer), job(recipients=("a@x.test", "b@x.test")))
+    assert statuses(outcomes) == [(Status.DELIVERED, "2.0.0")] * 2
+    group = [(command.split(":")[0], waiting) for command, waiting in peer.arrivals[1:5]]
+    assert group == [("MAIL FROM", True), ("RCPT TO", True), ("RCPT TO", True), ("DATA", False)]
+
+
+def test_envelope_goes_step_by_step_without_pipelining(peer: Peer) -> None:
+    peer.extensions = ["8BITMIME", "ENHANCEDSTATUSCODES"]
+    [outcomes] = send(hop(peer), job(recipients=("a@x.test", "b@x.test")))
+    assert statuses(outcomes) == [(Status.DELIVERED, "2.0.0")] * 2
+    assert [waiting for _, waiting in peer.arrivals] == [False] * len(peer.arrivals)
+
+
+def test_pipelined_group_after_a_refused_mail_stays_in_step(peer: Peer) -> None:
+    """MAIL refused: the RCPT and DATA replies of the group are read and dropped, and the
+    same connection carries the next message."""
+    peer.mail_reply = "451 4.3.0 try later"
+    [first] = send(hop(peer), job(recipients=("a@x.test", "b@x.test")))
+    assert statuses(first) == [(Status.DEFERRED, "4.3.0")] * 2
+    peer.mail_reply = "250 2.1.0 Ok"
+    first, second = send(hop(peer), job(), job())
+    assert [o.status for o in first + second] == [Status.DELIVERED] * 2
+    assert peer.connections == 2  # one per send() call: the pool is closed in between
 
 
 @pytest.mark.parametrize(
@@ -322,7 +362,8 @@ def test_mail_refused(peer: Peer, reply: str, expected: Status) -> None:
     [outcomes] = send(hop(peer), job(recipients=("a@x.test", "b@x.test")))
     assert [o.status for o in outcomes] == [expected] * 2
     assert outcomes[1].reply == reply
-    assert not any(c.startswith("RCPT") for c in peer.commands)
+    # The pipelined RCPTs and DATA (RFC 2920) were refused after MAIL: no content sent.
+    assert not peer.transactions
 
 
 def test_421_to_data_defers_and_drops_the_connection(peer: Peer) -> None:
@@ -488,11 +529,49 @@ def test_connection_reuse(peer: Peer) -> None:
     assert [o[0].status for o in results] == [Status.DELIVERED] * 3
     assert peer.connections == 1
     assert len(peer.transactions) == 3
-    assert peer.commands.count("NOOP") == 2  # checked before each reuse
+    assert peer.commands.count("NOOP") == 0  # reused at once: no check needed
     assert peer.commands[-1] == "QUIT"  # close() says goodbye
 
 
-def test_dead_idle_connection_is_replaced(peer: Peer) -> None:
+def test_connection_idle_for_a_while_is_checked(
+    peer: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(smtp_client, "NOOP_AFTER_IDLE", 0.0)
+    results = send(hop(peer), job(), job(), job())
+    assert [o[0].status for o in results] == [Status.DELIVERED] * 3
+    assert peer.connections == 1
+    assert peer.commands.count("NOOP") == 2  # checked before each reuse
+
+
+def test_connection_dropped_unseen_is_retried_on_a_new_one(peer: Peer) -> None:
+    """A reused connection that dies before answering anything: nothing can have been
+    accepted, so the message goes at once on a new connection instead of waiting."""
+
+    async def go() -> list[Outcome]:
+        pool = HopPool()
+        try:
+            settings = hop(peer)
+            await pool.send(settings, None, job())
+            peer.drop_once = {"MAIL"}
+            return await pool.send(settings, None, job())
+        finally:
+            await pool.close()
+
+    outcomes = asyncio.run(go())
+    assert outcomes[0].status is Status.DELIVERED
+    assert peer.connections == 2 and len(peer.transactions) == 2
+
+
+def test_connection_dropped_on_a_new_connection_is_deferred(peer: Peer) -> None:
+    peer.drop_once = {"MAIL"}
+    [outcomes] = send(hop(peer), job())
+    assert statuses(outcomes) == [(Status.DEFERRED, "4.4.2")]
+    assert peer.connections == 1
+
+
+def test_dead_idle_connection_is_replaced(peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smtp_client, "NOOP_AFTER_IDLE", 0.0)
+
     async def go() -> list[Outcome]:
         pool = HopPool()
         try:

@@ -67,7 +67,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from aiosmtplib import SMTP, SMTPResponse
 from aiosmtplib.errors import (
@@ -76,9 +76,10 @@ from aiosmtplib.errors import (
     SMTPException,
     SMTPHeloError,
     SMTPResponseException,
+    SMTPServerDisconnected,
 )
-from aiosmtplib.protocol import SMTPProtocol
 
+from submitd.delivery.replies import ReplyReader
 from submitd.delivery.types import Job, Outcome, Status
 from submitd.envelope import Recipient
 from submitd.lines import LARGE, dots_after_lf
@@ -301,10 +302,17 @@ class _Connection:
     extensions: dict[str, str]
     needs_reset: bool = False
     idle_since: float = 0.0
+    unchecked: bool = False  # reused without NOOP for the transaction now running
     expiry: asyncio.TimerHandle | None = None
 
     def offers(self, extension: str) -> bool:
         return extension.lower() in self.extensions
+
+
+# An idle connection is checked with NOOP before reuse only after this many seconds: a
+# NOOP per message would cost a round trip each, and a connection that died unseen in
+# the meantime is caught anyway (HopPool.send retries on a checked one).
+NOOP_AFTER_IDLE = 2.0
 
 
 class HopPool:
@@ -340,20 +348,25 @@ class HopPool:
         key = _key(hop, address, self._salt)
         limit = self._limits.setdefault(key, asyncio.Semaphore(self.per_destination))
         async with limit, self._busy:
-            try:
-                conn = await self._acquire(hop, address, key)
-            except _HopFailure as failure:
-                return [
-                    Outcome(r, failure.status, failure.reply, failure.enhanced, remote)
-                    for r in job.recipients
-                ]
-            transaction = _Transaction(conn, hop, job, remote)
-            reusable = False
-            try:
-                outcomes = await transaction.run()
-                reusable = transaction.reusable
-            finally:
-                await self._release(conn, reusable)
+            for check in (False, True):
+                try:
+                    conn = await self._acquire(hop, address, key, check=check)
+                except _HopFailure as failure:
+                    return [
+                        Outcome(r, failure.status, failure.reply, failure.enhanced, remote)
+                        for r in job.recipients
+                    ]
+                transaction = _Transaction(conn, hop, job, remote)
+                reusable = False
+                try:
+                    outcomes = await transaction.run()
+                    reusable = transaction.reusable
+                finally:
+                    await self._release(conn, reusable)
+                if not (conn.unchecked and not transaction.answered):
+                    break
+                # A connection reused without NOOP died unseen before answering
+                # anything, so nothing was accepted: once more, on a checked one.
             return outcomes
 
     async def close(self) -> None:
@@ -368,12 +381,20 @@ class HopPool:
 
     # -- connections --
 
-    async def _acquire(self, hop: HopSettings, address: str | None, key: _Key) -> _Connection:
+    async def _acquire(
+        self, hop: HopSettings, address: str | None, key: _Key, *, check: bool
+    ) -> _Connection:
         idle = self._idle.get(key, [])
         while idle:
             conn = idle.pop()  # the most recently used: the likeliest to be alive
             if conn.expiry is not None:
                 conn.expiry.cancel()
+            conn.unchecked = not check and time.monotonic() - conn.idle_since < NOOP_AFTER_IDLE
+            if conn.unchecked:
+                if conn.smtp.is_connected:
+                    return conn
+                self._discard(conn, polite=False)
+                continue
             try:
                 usable = await _still_usable(conn, hop)
             except BaseException:  # cancelled while checking: do not leak it
@@ -655,10 +676,12 @@ class _Transaction:
         self.remote = remote
         self.outcomes: list[Outcome | None] = [None] * len(job.recipients)
         self.reusable = True
+        self.reader: ReplyReader | None = None
 
     async def run(self) -> list[Outcome]:
         try:
-            await self._run()
+            with _take_over(self.smtp) as self.reader:
+                await self._run()
         except (SMTPException, OSError, TimeoutError) as exc:
             # The connection broke or desynchronised: whatever is undecided waits. After
             # the end of data this may deliver twice, which RFC 5321 6.1 accepts over loss.
@@ -671,6 +694,11 @@ class _Transaction:
         if not self.smtp.is_connected:
             self.reusable = False
         return [outcome for outcome in self.outcomes if outcome is not None]
+
+    @property
+    def answered(self) -> bool:
+        """Whether the hop answered anything in this transaction (see HopPool.send)."""
+        return self.reader is not None and self.reader.replies_seen > 0
 
     def _decide(self, index: int, status: Status, reply: str, enhanced: str) -> None:
         recipient = self.job.recipients[index]
@@ -700,19 +728,88 @@ class _Transaction:
                 Status.FAILED,
             )
         content, mail_params, use_bdat = await self._prepare_content()
-        await self._mail(mail_params)
-        accepted = await self._recipients()
-        if not accepted:
-            self.conn.needs_reset = True
-            return
-        # Open until the hop answers the end of the data, whatever it answers then
-        # (RFC 5321 4.1.1.4); a refused DATA or BDAT chunk leaves it open: RSET.
+        mail = self._mail_command(mail_params)
+        recipients = self._rcpt_commands()
+        if not recipients:
+            return  # every recipient was decided without asking the hop
+        # Open from MAIL until the hop answers the end of the data, whatever it answers
+        # then (RFC 5321 4.1.1.4); a refused DATA or BDAT chunk leaves it open: RSET.
         self.conn.needs_reset = True
+        accepted, data_reply = await self._envelope(mail, recipients, with_data=not use_bdat)
+        if not accepted:
+            if data_reply is not None and data_reply.code == 354:
+                # RFC 2920 3.1: DATA was accepted though no recipient was; end it empty.
+                await self._command(b".\r\n", self._final_timeout)
+            return
         if use_bdat:
             response = await self._bdat(content)
+        elif data_reply is None or data_reply.code != 354:
+            response = data_reply or SMTPResponse(-1, "no reply to DATA")
         else:
             response = await self._data(content)
         self._decide_by_reply(accepted, response)
+
+    async def _envelope(
+        self, mail: bytes, recipients: list[tuple[int, bytes]], *, with_data: bool
+    ) -> tuple[list[int], SMTPResponse | None]:
+        """MAIL, RCPT for each recipient and (unless BDAT follows) DATA.
+
+        To a hop offering PIPELINING (RFC 2920 3.1) they go out in one write, DATA last
+        in the group, and the replies are read back in order; otherwise one at a time.
+        Returns the indexes of the accepted recipients and the reply to DATA.
+        """
+        data = [b"DATA\r\n"] if with_data else []
+        pipelining = self.conn.offers("pipelining")
+        if pipelining:
+            self._write(b"".join([mail, *(line for _, line in recipients), *data]))
+        else:
+            self._write(mail)
+        reply = await self._reply()
+        if reply.code != 250:
+            if pipelining:  # the group's other replies are refusals; keep in step
+                await self._skip_replies(len(recipients) + len(data))
+            enhanced, text = _parse_reply(reply)
+            raise _HopFailure(enhanced, text, _status_of(reply.code))
+        accepted: list[int] = []
+        for index, line in recipients:
+            if not pipelining:
+                self._write(line)
+            reply = await self._reply()
+            if reply.code in (250, 251):
+                accepted.append(index)
+                continue
+            self._decide_by_reply([index], reply)
+            if reply.code == 421:  # the hop is closing (RFC 5321 3.8): the rest waits
+                self.reusable = False
+                enhanced, text = _parse_reply(reply)
+                raise _HopFailure(_as_deferred(enhanced), text)
+        if not data:
+            return accepted, None
+        if not pipelining:
+            if not accepted:
+                return accepted, None
+            self._write(data[0])
+        return accepted, await self._reply()
+
+    async def _skip_replies(self, count: int) -> None:
+        for _ in range(count):
+            reply = await self._reply()
+            if reply.code == 354:  # a DATA accepted after all: end it empty
+                await self._command(b".\r\n", self._final_timeout)
+
+    def _write(self, data: bytes) -> None:
+        transport = cast(asyncio.WriteTransport | None, self.smtp.transport)
+        if transport is None or transport.is_closing():
+            raise SMTPServerDisconnected("connection lost")
+        transport.write(data)
+
+    async def _reply(self, timeout: float | None = None) -> SMTPResponse:
+        assert self.reader is not None
+        return await self.reader.reply(self.hop.command_timeout if timeout is None else timeout)
+
+    async def _command(self, line: bytes, timeout: float | None = None) -> SMTPResponse:
+        self._write(line)
+        return await self._reply(timeout)
 
     async def _prepare_content(self) -> tuple[_Content, list[str], bool]:
         """Pick DATA or BDAT, convert to 7 bit if the hop needs it, check SIZE.
@@ -772,22 +869,16 @@ class _Transaction:
         encoding = "utf-8" if self.job.envelope.smtputf8 else "ascii"
         return b"<" + address.encode(encoding) + b">"
 
-    async def _mail(self, params: list[str]) -> None:
+    def _mail_command(self, params: list[str]) -> bytes:
         try:
             path = self._path(self.job.envelope.sender)
         except UnicodeEncodeError as exc:
             raise _HopFailure("5.6.7", "non-ASCII sender without SMTPUTF8", Status.FAILED) from exc
-        response = await self.smtp.execute_command(
-            b"MAIL", b"FROM:" + path, *(p.encode("ascii") for p in params)
-        )
-        if response.code != 250:
-            self.conn.needs_reset = True
-            enhanced, reply = _parse_reply(response)
-            raise _HopFailure(enhanced, reply, _status_of(response.code))
+        return b" ".join([b"MAIL FROM:" + path, *(p.encode("ascii") for p in params)]) + CRLF
 
-    async def _recipients(self) -> list[int]:
-        """RCPT for each recipient; the indexes of those accepted, in order."""
-        accepted: list[int] = []
+    def _rcpt_commands(self) -> list[tuple[int, bytes]]:
+        """(index, RCPT line) for each recipient the hop can be asked about."""
+        commands: list[tuple[int, bytes]] = []
         dsn = self.conn.offers("dsn")
         for index, recipient in enumerate(self.job.recipients):
             try:
@@ -800,50 +891,33 @@ class _Transaction:
                 if recipient.notify:
                     params.append(b"NOTIFY=" + ",".join(recipient.notify).upper().encode("ascii"))
                 params.append(b"ORCPT=" + _orcpt(recipient).encode("ascii"))
-            response = await self.smtp.execute_command(b"RCPT", b"TO:" + path, *params)
-            if response.code in (250, 251):
-                accepted.append(index)
-                continue
-            self._decide_by_reply([index], response)
-            if response.code == 421:  # the hop is closing (RFC 5321 3.8): the rest waits
-                enhanced, reply = _parse_reply(response)
-                raise _HopFailure(_as_deferred(enhanced), reply)
-        return accepted
+            commands.append((index, b" ".join([b"RCPT TO:" + path, *params]) + CRLF))
+        return commands
 
     async def _data(self, content: _Content) -> SMTPResponse:
-        """DATA, the dot-stuffed message streamed in pieces, then "." (RFC 5321 4.1.1.4)."""
-        response = await self.smtp.execute_command(b"DATA")
-        if response.code != 354:
-            return response
-        protocol = self._protocol()
+        """The dot-stuffed message streamed in pieces after 354, then "." (RFC 5321
+        4.1.1.4)."""
         stuffer = _DotStuffer()
         async for piece in _pieces(content):
-            protocol.write(stuffer.feed(piece))
+            self._write(stuffer.feed(piece))
             await self._drain()
-        protocol.write((b"" if stuffer.ends_with_crlf else CRLF) + b".\r\n")
-        # No await between the write and read_response, which arms aiosmtplib's reply
-        # waiter: the reply cannot arrive unseen.
-        response = await protocol.read_response(timeout=self._final_timeout)
+        self._write((b"" if stuffer.ends_with_crlf else CRLF) + b".\r\n")
+        response = await self._reply(self._final_timeout)
         self.conn.needs_reset = False
         return response
 
     async def _bdat(self, content: _Content) -> SMTPResponse:
         """BDAT chunks, the last one marked LAST (RFC 3030 2); no stuffing, exact octets."""
-        protocol = self._protocol()
         pieces = _pieces(content)
         current = await anext(pieces, None)
         while True:
             following = await anext(pieces, None)
             data = current or b""
             last = following is None
-            # Wait for room *before* writing: between a write and read_response there
-            # must be no await, or the reply arrives before aiosmtplib waits for it and
-            # is dropped. The transport buffers at most one chunk beyond its high mark.
             await self._drain()
-            protocol.write(f"BDAT {len(data)}{' LAST' if last else ''}\r\n".encode("ascii"))
-            protocol.write(data)
-            timeout = self._final_timeout if last else self.hop.command_timeout
-            response = await protocol.read_response(timeout=timeout)
+            self._write(f"BDAT {len(data)}{' LAST' if last else ''}\r\n".encode("ascii"))
+            self._write(data)
+            response = await self._reply(self._final_timeout if last else None)
             if last:
                 self.conn.needs_reset = False
                 return response
@@ -860,22 +934,33 @@ class _Transaction:
         """
         return max(self.hop.command_timeout, 600.0)
 
-    def _protocol(self) -> SMTPProtocol:
-        protocol = self.smtp.protocol
-        if protocol is None:
-            raise SMTPException("connection lost")
-        return protocol
-
     async def _drain(self) -> None:
-        """Wait while the socket's buffer is full, so a large message is never all queued.
+        """Wait while the socket's buffer is full, so a large message is never all queued."""
+        assert self.reader is not None
+        await self.reader.drain(self.hop.command_timeout)
 
-        aiosmtplib's protocol carries asyncio's flow control (``_drain_helper``, copied
-        from the standard library's StreamWriter) but no public drain; use it if present.
-        """
-        protocol = self.smtp.protocol
-        drain = getattr(protocol, "_drain_helper", None)
-        if drain is not None:
-            await asyncio.wait_for(drain(), timeout=self.hop.command_timeout)
+
+@contextlib.contextmanager
+def _take_over(smtp: SMTP) -> Iterator[ReplyReader]:
+    """Give the connection's transport to a ReplyReader for one transaction, then back.
+
+    Between transactions aiosmtplib's protocol has no command outstanding, so nothing
+    can be lost in the swap. A connection that died meanwhile is reported to it, so
+    that ``is_connected`` tells the pool the truth.
+    """
+    protocol = smtp.protocol
+    transport = protocol.transport if protocol is not None else None
+    if protocol is None or transport is None or transport.is_closing():
+        raise SMTPServerDisconnected("connection lost")
+    reader = ReplyReader()
+    transport.set_protocol(reader)
+    try:
+        yield reader
+    finally:
+        if reader.lost is not None:
+            protocol.connection_lost(reader.lost)
+        else:
+            transport.set_protocol(protocol)
 
 
 async def _pieces(content: _Content) -> AsyncIterator[bytes]:
