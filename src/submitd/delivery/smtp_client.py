@@ -5,18 +5,18 @@ connection to the hop, runs one mail transaction and answers one :class:`Outcome
 recipient. It never raises for a delivery problem: a hop that cannot be reached, a TLS
 or AUTH failure, a dropped connection are DEFERRED outcomes (DESIGN principle 6).
 
-aiosmtplib does the connection, TLS, EHLO, AUTH and the reply parsing. Two things are
-done here on top of its protocol object, because aiosmtplib (5.x) has no API for them:
+aiosmtplib does the connection, TLS, EHLO and AUTH. The mail transaction itself runs on
+our own protocol object (:mod:`submitd.delivery.replies`), swapped onto the transport for
+its duration, because aiosmtplib (5.x) can neither pipeline (it keeps one reply waiter
+and drops replies that arrive while none is pending) nor stream a message:
 
-* the message is **streamed** into DATA, chunk by chunk from ``job.message.chunks()``,
+* MAIL, every RCPT and DATA go out in one write to a hop that offers PIPELINING
+  (RFC 2920 3.1), one at a time otherwise; the replies are read back in order;
+* the message is **streamed** after 354, chunk by chunk from ``job.message.chunks()``,
   dot-stuffed here (RFC 5321 4.5.2); ``SMTP.data()`` takes the whole message as one
   ``bytes`` and also rewrites bare CR and LF to CRLF, while a stored message must go out
   byte for byte (DESIGN principle 4) and may be 50 MB;
 * BDAT (RFC 3030), used only for BODY=BINARYMIME, which DATA cannot carry.
-
-aiosmtplib cannot pipeline (RFC 2920): its protocol keeps one reply waiter and drops
-replies that arrive while none is pending. Commands are therefore sent one at a time,
-even to a hop that offers PIPELINING; the cost is one round trip per recipient.
 
 Status codes of our own diagnoses (RFC 3463), chosen so that a route sees "could not
 reach this host" as ``4.4.*`` (and may try the next MX, RFC 5321 5.1):
