@@ -7,7 +7,7 @@ and bounces need them later.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -30,7 +30,24 @@ class Envelope:
     auth: str | None = None  # RFC 4954 5: MAIL AUTH=, xtext decoded ("<>" when given so)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Built by hand, like SessionInfo's: `asdict` deep-copies every field."""
+        return {
+            "sender": self.sender,
+            "recipients": [
+                {
+                    "address": r.address,
+                    "notify": None if r.notify is None else list(r.notify),
+                    "orcpt": r.orcpt,
+                }
+                for r in self.recipients
+            ],
+            "body": self.body,
+            "smtputf8": self.smtputf8,
+            "size": self.size,
+            "ret": self.ret,
+            "envid": self.envid,
+            "auth": self.auth,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Envelope:

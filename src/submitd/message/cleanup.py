@@ -29,8 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
-from email.utils import format_datetime
+from datetime import date
 
 from submitd.message.addresses import (
     AddressError,
@@ -46,6 +45,7 @@ from submitd.message.addresses import (
     same_address,
     valid_msg_id,
 )
+from submitd.message.dates import date_text
 from submitd.smtp.replies import Reply, reply
 
 __all__ = [
@@ -467,8 +467,7 @@ def _renamed(item: _Field, name: bytes) -> bytes:
 
 def _date_field(now: float) -> bytes:
     # RFC 5322 3.3 with a numeric zone; UTC, as we do not know the client's zone.
-    stamp = format_datetime(datetime.fromtimestamp(int(now), UTC))
-    return f"Date: {stamp}".encode("ascii") + CRLF
+    return f"Date: {date_text(now)}".encode("ascii") + CRLF
 
 
 def _fix_date(edit: _Edit, context: CleanupContext, settings: CleanupSettings) -> None:

@@ -9,10 +9,8 @@ recipient.
 
 from __future__ import annotations
 
-import datetime
-from email.utils import format_datetime
-
 from submitd.envelope import SessionInfo
+from submitd.message.dates import date_text
 
 
 def protocol_name(*, tls: bool, authenticated: bool, smtputf8: bool) -> str:
@@ -54,6 +52,5 @@ def received_field(
     if info.tls_version:
         lines.append(f"\t({info.tls_version} cipher {info.tls_cipher})")
     lines[-1] += ";"
-    stamp = datetime.datetime.fromtimestamp(now, datetime.UTC)
-    lines.append(f"\t{format_datetime(stamp)}")  # "+0000": UTC, known (RFC 5322 3.3)
+    lines.append(f"\t{date_text(now)}")  # "+0000": UTC, known (RFC 5322 3.3)
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
