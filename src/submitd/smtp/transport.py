@@ -432,10 +432,8 @@ class SubmissionProtocol(asyncio.Protocol):
         assert draft is not None and principal is not None
         try:
             # RFC 6409 5.3: every command is answered within the command timeout.
-            reply = await asyncio.wait_for(
-                self.context.submission.finish(draft, principal, self._info()),
-                self.limits.command_timeout,
-            )
+            async with asyncio.timeout(self.limits.command_timeout):
+                reply = await self.context.submission.finish(draft, principal, self._info())
         except TimeoutError:
             reply = R.LOCAL_ERROR
         self._draft = None
