@@ -98,10 +98,15 @@ class AuthConfig(_Section):
 
 class QueueConfig(_Section):
     """The durable queue. Bodies up to inline_max are stored in the database and share
-    one durable commit; larger bodies are spooled to files and fsynced one by one."""
+    one durable commit; larger bodies are spooled to files and fsynced one by one.
+
+    A message leaves the queue once every recipient is settled: its content at once,
+    its row with the per-recipient outcomes (`queue list --all`) after keep_finished
+    seconds, or at once when that is 0."""
 
     inline_max: int = Field(default=256 * 1024, ge=0)
     group_commit_max: int = Field(default=256, ge=1)
+    keep_finished: float = Field(default=86400.0, ge=0)  # seconds; 0: delete at once
 
 
 class CleanupConfig(_Section):

@@ -99,7 +99,7 @@ async def serve(
     config.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     orphans = collect_orphans(config.database_path, config.spool_dir, older_than=time.time() - 60)
     if orphans:
-        log.info("removed %d spool files of messages never acknowledged (a crash)", orphans)
+        log.info("removed %d spool files no queued message refers to (a crash)", orphans)
     queue = Queue(config.database_path, config.spool_dir, config.queue)
     verifier = CredentialVerifier(config.database_path, config.auth)
     limiter = RateLimiter(
@@ -153,7 +153,13 @@ class _Delivery:
             config.delivery.lifetime,
             wake=lambda: None,
         )
-        self.scheduler = Scheduler(config.delivery, config.database_path, self.router, notifier)
+        self.scheduler = Scheduler(
+            config.delivery,
+            config.database_path,
+            self.router,
+            notifier,
+            keep_finished=config.queue.keep_finished,
+        )
         notifier.wake = self.scheduler.wake  # notices are queued mail: deliver them soon
         self.task = asyncio.get_running_loop().create_task(self.scheduler.run())
 

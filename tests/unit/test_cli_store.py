@@ -14,6 +14,8 @@ from submitd.auth.passwords import PasswordHasher
 from submitd.cli.queue import queue
 from submitd.cli.users import user
 from submitd.config import AuthConfig, load_config
+from submitd.delivery import state
+from submitd.delivery.types import Outcome, Status
 from submitd.envelope import Envelope, Recipient, SessionInfo
 from submitd.store.database import connect
 from submitd.store.queue import Queue, new_queue_id
@@ -187,3 +189,40 @@ def test_queue_show_of_unknown_id_fails(config_file: Path) -> None:
     result = _queue(config_file, "show", "NOSUCHID")
     assert result.exit_code == 1
     assert "no such message" in result.output
+
+
+def _finish(config_file: Path, queue_id: str) -> None:
+    """Record every recipient as delivered, as the delivery loop does."""
+    with closing(connect(load_config(config_file).database_path)) as conn:
+        message = state.load(conn, queue_id)
+        assert message is not None
+        results = [
+            (p, Outcome(p.recipient, Status.DELIVERED, "250 2.0.0 Ok", "2.0.0"))
+            for p in message.pending
+        ]
+        assert state.record(conn, queue_id, results, 1_800_000_000.0, {}, 86400.0).done
+
+
+@pytest.mark.parametrize("size", [100, 5000])  # inline and spooled (inline_max 1024)
+def test_queue_show_and_list_of_a_finished_message(config_file: Path, size: int) -> None:
+    queue_id = _queue_one(config_file, b"Subject: hi\r\n\r\n" + b"z" * size)
+    _finish(config_file, queue_id)
+    result = _queue(config_file, "show", queue_id)
+    assert result.exit_code == 0, result.output
+    text, _, rest = result.stdout_bytes.partition(b"\n\n")
+    assert rest == b""
+    shown = json.loads(text)
+    assert shown["state"] == "done"
+    assert shown["finished"] == "2027-01-15T08:00:00+00:00"
+    assert shown["envelope"]["recipients"][0]["address"] == "b@example.net"
+    assert "removed after delivery" in result.stderr
+    assert json.loads(_queue(config_file, "list", "--json").output) == []
+    [entry] = json.loads(_queue(config_file, "list", "--json", "--all").output)
+    assert entry["state"] == "done" and entry["finished"] == shown["finished"]
+    assert entry["recipients"][0]["state"] == "delivered"
+    # Nothing to retry, hold or bounce; delete removes what is left.
+    assert "scheduled 0 message(s)" in _queue(config_file, "retry", queue_id).output
+    assert _queue(config_file, "hold", queue_id).exit_code == 1
+    deleted = _queue(config_file, "delete", queue_id, "--bounce")
+    assert deleted.exit_code == 0, deleted.output
+    assert json.loads(_queue(config_file, "list", "--json", "--all").output) == []

@@ -7,6 +7,10 @@ being delivered at that moment finishes its attempt; its outcome is recorded onl
 recipients still pending, and a deleted message's outcome is dropped. `queue show` prints the
 message bytes exactly as stored (no decoding), so what an administrator sees is what
 will be delivered; --json output is for scripts and monitoring.
+
+A finished message (state `done`) has no content any more: it was dropped when the last
+recipient was settled. Its envelope and outcomes stay listed (`list --all`, `show`) for
+`[queue] keep_finished` seconds.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import click
 
 from submitd.cli.common import config_option, load_or_exit
 from submitd.delivery.bounce import bounce_message
-from submitd.delivery.state import delete, recipient_states, retry_now, set_state
+from submitd.delivery.state import delete, finished_at, recipient_states, retry_now, set_state
 from submitd.store.database import connect
 from submitd.store.queue import (
     QueuedMessage,
@@ -66,9 +70,15 @@ def _recipients(conn: sqlite3.Connection, entry: QueueSummary) -> list[dict[str,
     ]
 
 
+def _finished_iso(conn: sqlite3.Connection, queue_id: str) -> str | None:
+    finished = finished_at(conn, queue_id)
+    return None if finished is None else _iso(finished)
+
+
 def _summary_json(conn: sqlite3.Connection, entry: QueueSummary) -> dict[str, Any]:
     data = asdict(entry)
     data["created"] = _iso(entry.created)
+    data["finished"] = _finished_iso(conn, entry.id) if entry.state == "done" else None
     data["recipients"] = _recipients(conn, entry)
     return data
 
@@ -154,19 +164,27 @@ def release(queue_id: str, config_path: Path | None) -> None:
 def delete_message(queue_id: str, bounce: bool, config_path: Path | None) -> None:
     """Remove a message from the queue, optionally bouncing it to its sender."""
     config = load_or_exit(config_path)
+    bounced = bounce
     if bounce:
-        asyncio.run(bounce_message(config, queue_id))
+        try:
+            asyncio.run(bounce_message(config, queue_id))
+        except FileNotFoundError:
+            # Its last recipient was settled meanwhile and its spool file removed: the
+            # outcomes are recorded and the sender notified as NOTIFY asked.
+            bounced = False
+            click.echo(f"{queue_id}: finished meanwhile; no bounce sent", err=True)
     with closing(connect(config.database_path)) as conn:
         if not delete(conn, queue_id, config.database_path.parent):
             raise click.ClickException(f"no such message: {queue_id}")
-    click.echo(f"{queue_id}: deleted" + (" and bounced" if bounce else ""))
+    click.echo(f"{queue_id}: deleted" + (" and bounced" if bounced else ""))
 
 
-def _message_json(message: QueuedMessage) -> str:
+def _message_json(message: QueuedMessage, finished: str | None) -> str:
     data = {
         "id": message.id,
         "created": _iso(message.created),
         "state": message.state,
+        "finished": finished,
         "size": message.size,
         "envelope": message.envelope.to_json(),
         "session": asdict(message.session),
@@ -178,12 +196,35 @@ def _message_json(message: QueuedMessage) -> str:
 @click.argument("queue_id")
 @config_option
 def show_message(queue_id: str, config_path: Path | None) -> None:
-    """Print the envelope and session as JSON, a blank line, then the message bytes."""
+    """Print the envelope and session as JSON, a blank line, then the message bytes
+    (none for a finished message: its content was removed after delivery)."""
     config = load_or_exit(config_path)
     with closing(connect(config.database_path)) as conn:
+        message, body = _message_and_bytes(conn, queue_id)
+        finished = _finished_iso(conn, queue_id) if body is None else None
+    click.echo(_message_json(message, finished) + "\n")
+    if body is None:
+        click.echo(f"{queue_id}: the content was removed after delivery", err=True)
+        return
+    click.echo(body, nl=False)
+
+
+def _message_and_bytes(
+    conn: sqlite3.Connection, queue_id: str
+) -> tuple[QueuedMessage, bytes | None]:
+    """The message and its bytes; None for the bytes of a finished message.
+
+    A second look if the spool file vanished between reading the row and the file: the
+    message finished in between (its file goes right after), or was deleted.
+    """
+    for _ in range(2):
         message = get_message(conn, queue_id)
         if message is None:
             raise click.ClickException(f"no such message: {queue_id}")
-        body = read_message_bytes(conn, queue_id)
-    click.echo(_message_json(message) + "\n")
-    click.echo(body, nl=False)
+        if message.state == "done":
+            return message, None
+        try:
+            return message, read_message_bytes(conn, queue_id)
+        except FileNotFoundError:
+            continue
+    raise click.ClickException(f"{queue_id}: the stored content is missing")

@@ -9,6 +9,11 @@ Where a duplicate is possible: between the next hop's final 250 and our record o
 again and it is delivered twice; no design without the next hop's co-operation can
 close it (RFC 1047). Outcomes are recorded right after the reply, before anything else
 (notifications come after), to keep the window as small as it can be.
+
+Finished messages: the record that settles the last recipient drops the content (see
+delivery/state.py); the spool file of a large one is unlinked here, after the notices,
+because a failure notice returns the original read from that file. Once a minute the
+rows finished longer than `[queue] keep_finished` ago are purged, in small batches.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from submitd.store.database import connect
 log = logging.getLogger("submitd.delivery")
 
 LEASE_SECONDS = 3600.0  # longer than any single attempt may take
+PURGE_INTERVAL = 60.0  # seconds between purges of finished messages
+PURGE_BATCH = 1000  # rows per purge transaction: a few milliseconds of write lock
 T = TypeVar("T")
 
 
@@ -48,10 +55,17 @@ def backoff(config: DeliveryConfig, attempts: int, rng: random.Random) -> float:
 
 class Scheduler:
     def __init__(
-        self, config: DeliveryConfig, database: Path, router: Router, notifier: Notifier
+        self,
+        config: DeliveryConfig,
+        database: Path,
+        router: Router,
+        notifier: Notifier,
+        *,
+        keep_finished: float,
     ) -> None:
         self.config = config
         self.database = database
+        self.keep_finished = keep_finished
         self.router = router
         self.notifier = notifier
         self.owner_prefix = f"{socket.gethostname()}:{database.resolve()}:"
@@ -61,6 +75,8 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._stopped = asyncio.Event()  # ends the purge loop's pause
+        self._purger: asyncio.Task[None] | None = None
         self._rng = random.Random()
 
     def wake(self) -> None:
@@ -76,6 +92,7 @@ class Scheduler:
         freed = await self._db(state.release_own_leases, self.owner_prefix)
         if freed:
             log.info("took back %d messages leased before a restart", freed)
+        self._purger = asyncio.get_running_loop().create_task(self._purge_loop())
         while not self._stopping:
             await self._start_due()
             await self._sleep()
@@ -83,6 +100,9 @@ class Scheduler:
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
         self._wakeup.set()
+        self._stopped.set()
+        if self._purger is not None:
+            await asyncio.wait({self._purger})  # ends after one batch at most, not mid-query
         if self._running:
             await asyncio.wait(set(self._running), timeout=grace)
         for task in list(self._running):
@@ -119,7 +139,10 @@ class Scheduler:
             return  # deleted meanwhile
         message, source = loaded
         if not message.pending:
-            await self._db(state.record, queue_id, [], time.time(), {})
+            recorded = await self._db(
+                state.record, queue_id, [], time.time(), {}, self.keep_finished
+            )
+            await self._release(recorded)
             return
         tasks = [
             self._deliver_group(name, message, group, source)
@@ -128,7 +151,9 @@ class Scheduler:
         results = [pair for group in await asyncio.gather(*tasks) for pair in group]
         now = time.time()
         results, retry_at = self._retry_policy(message, results, now)
-        recorded = await self._db(state.record, queue_id, results, now, retry_at)
+        recorded = await self._db(
+            state.record, queue_id, results, now, retry_at, self.keep_finished
+        )
         for pending, outcome in results:
             log.info(
                 "queue=%s to=<%s> status=%s attempts=%d relay=%s reply=%s",
@@ -140,8 +165,46 @@ class Scheduler:
                 outcome.reply,
             )
         # Notices come after the record: they must never widen the duplicate window.
-        if await self.notifier.after_attempt(message, recorded, source, now):
-            await self._db(state.mark_delay_notified, queue_id)
+        try:
+            if await self.notifier.after_attempt(message, recorded, source, now):
+                await self._db(state.mark_delay_notified, queue_id)
+        finally:
+            # Only now: `source` reads a spooled body lazily, and a failure notice
+            # returns the original (RET=FULL) from that very file.
+            await self._release(recorded)
+
+    async def _release(self, recorded: state.Recorded) -> None:
+        """Unlink a finished message's spool file (its row no longer points at it)."""
+        if recorded.released_file is None:
+            return
+        path = self.database.parent / recorded.released_file
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except OSError as error:  # left as an orphan: start-up collects it
+            log.warning("cannot remove the spool file %s: %s", path, error.strerror)
+
+    async def _purge_loop(self) -> None:
+        """Once a minute: delete messages finished more than keep_finished ago.
+
+        In batches, each its own short transaction on our connection (through `_db`, so
+        attempts interleave between batches), so neither acceptance nor the recording
+        of outcomes waits long for the write lock even with a large backlog.
+        """
+        while not self._stopping:
+            try:
+                before = time.time() - self.keep_finished
+                removed = 0
+                while not self._stopping:
+                    count = await self._db(state.purge_finished, before, PURGE_BATCH)
+                    removed += count
+                    if count < PURGE_BATCH:
+                        break
+                if removed:
+                    log.info("purged %d finished messages", removed)
+            except Exception:  # the loop must outlive a failure (a full disk, a busy lock)
+                log.exception("purging finished messages failed; trying again later")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), PURGE_INTERVAL)
 
     async def _deliver_group(
         self,

@@ -8,6 +8,16 @@ and does one short transaction, so the CLI and several nodes can act on the same
 Leases (DESIGN principle 5): a node takes a due message by writing its owner name and a
 lease expiry in one UPDATE; a node that dies strands nothing, its leases simply expire.
 A restarted node frees the leases it held before (same owner prefix) at once.
+
+Finished messages. A message whose every recipient is settled leaves the server the way
+it leaves Postfix: in the transaction that records its last outcome its content is
+dropped (prefix and body emptied, `body_path` cleared) and the time noted in `finished`.
+The row and its `deliveries` keep the outcomes for `[queue] keep_finished` seconds, so
+`submitd queue list --all` can still answer "what happened to my mail"; then
+`purge_finished` deletes them. A spooled body's file is unlinked by the caller once that
+transaction has committed and nothing reads the file any more (the failure notice is
+built from it after the record): a crash in between leaves an orphan file, which
+start-up collects (store/queue.py `collect_orphans`), never a row pointing at nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +60,9 @@ class Recorded:
     delivered: tuple[tuple[PendingRecipient, Outcome], ...]
     deferred: tuple[tuple[PendingRecipient, Outcome], ...]
     done: bool  # no recipient is pending any more
+    # The finished message's spool file (its former `body_path`), to unlink once the
+    # notices are built; None when there is none (inline body, or not finished).
+    released_file: str | None = None
 
 
 def release_own_leases(conn: sqlite3.Connection, owner_prefix: str) -> int:
@@ -130,9 +143,14 @@ def record(
     results: list[tuple[PendingRecipient, Outcome]],
     now: float,
     retry_at: dict[int, float],
+    keep_finished: float,
 ) -> Recorded:
     """Store each recipient's outcome; `retry_at` gives the next attempt of deferred ones
-    (already past the queue lifetime: the scheduler turned those into failures)."""
+    (already past the queue lifetime: the scheduler turned those into failures).
+
+    When none is left pending the message is finished (see the module docstring): kept
+    without its content for `keep_finished` seconds, or deleted at once when that is 0.
+    """
     failed: list[tuple[PendingRecipient, Outcome]] = []
     delivered: list[tuple[PendingRecipient, Outcome]] = []
     deferred: list[tuple[PendingRecipient, Outcome]] = []
@@ -159,28 +177,77 @@ def record(
             )
             target = {"delivered": delivered, "failed": failed}.get(state, deferred)
             target.append((pending, outcome))
-        done = _settle_message(conn, queue_id)
-    return Recorded(tuple(failed), tuple(delivered), tuple(deferred), done)
+        done, released = _settle_message(conn, queue_id, now, keep_finished)
+    return Recorded(tuple(failed), tuple(delivered), tuple(deferred), done, released)
 
 
-def _settle_message(conn: sqlite3.Connection, queue_id: str) -> bool:
-    """Set the message's next attempt from its recipients; 'done' when none is pending."""
+def _settle_message(
+    conn: sqlite3.Connection, queue_id: str, now: float, keep_finished: float
+) -> tuple[bool, str | None]:
+    """Set the message's next attempt from its recipients; finish it when none is pending.
+
+    Returns (finished, the spool file it no longer needs). Emptied, not NULL: the
+    table's CHECK wants exactly one of body and body_path, and x'' costs nothing.
+    """
     row = conn.execute(
         """SELECT min(next_attempt), count(*) FROM deliveries
            WHERE queue_id = ? AND state = 'pending'""",
         (queue_id,),
     ).fetchone()
-    if row[1] == 0:
+    if row[1] != 0:
         conn.execute(
-            "UPDATE queue SET state = 'done', lease_owner = NULL, lease_until = 0 WHERE id = ?",
-            (queue_id,),
+            "UPDATE queue SET next_attempt = ?, lease_owner = NULL, lease_until = 0 WHERE id = ?",
+            (row[0], queue_id),
         )
-        return True
-    conn.execute(
-        "UPDATE queue SET next_attempt = ?, lease_owner = NULL, lease_until = 0 WHERE id = ?",
-        (row[0], queue_id),
-    )
-    return False
+        return False, None
+    message = conn.execute(
+        "SELECT state, body_path FROM queue WHERE id = ?", (queue_id,)
+    ).fetchone()
+    if message is None:
+        return True, None  # deleted meanwhile (`queue delete`): nothing left to settle
+    if message[0] == "done":
+        return True, None  # finished before (an attempt on an expired lease): keep `finished`
+    if keep_finished <= 0:
+        conn.execute("DELETE FROM deliveries WHERE queue_id = ?", (queue_id,))
+        conn.execute("DELETE FROM queue WHERE id = ?", (queue_id,))
+    else:
+        conn.execute(
+            """UPDATE queue SET state = 'done', lease_owner = NULL, lease_until = 0,
+               prefix = x'', body = x'', body_path = NULL, finished = ? WHERE id = ?""",
+            (now, queue_id),
+        )
+    return True, None if message[1] is None else str(message[1])
+
+
+def purge_finished(conn: sqlite3.Connection, before: float, limit: int) -> int:
+    """Delete up to `limit` messages finished before `before`, with their deliveries rows.
+
+    Returns how many; the caller repeats while that equals `limit`. One bounded
+    transaction per call, so the write lock is never held for long: acceptance (the
+    queue writer) and the recording of outcomes wait at most for one batch. Finished
+    rows hold no content (see `_settle_message`), so there is no file to remove.
+
+    INDEXED BY: without statistics the planner picks queue_due (state, next_attempt)
+    and would walk every finished row, then sort them, for each batch.
+    """
+    with transaction(conn):
+        ids = [
+            (row[0],)
+            for row in conn.execute(
+                """SELECT id FROM queue INDEXED BY queue_finished
+                   WHERE state = 'done' AND finished < ? ORDER BY finished LIMIT ?""",
+                (before, limit),
+            )
+        ]
+        conn.executemany("DELETE FROM deliveries WHERE queue_id = ?", ids)
+        conn.executemany("DELETE FROM queue WHERE id = ?", ids)
+    return len(ids)
+
+
+def finished_at(conn: sqlite3.Connection, queue_id: str) -> float | None:
+    """When the message finished (every recipient settled), or None if it has not."""
+    row = conn.execute("SELECT finished FROM queue WHERE id = ?", (queue_id,)).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 def mark_delay_notified(conn: sqlite3.Connection, queue_id: str) -> None:

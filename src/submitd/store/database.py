@@ -135,6 +135,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX abuse_known_good_by_last_success ON abuse_known_good(last_success)",
         "INSERT INTO settings (key, value) VALUES ('abuse_generation', 0)",
     ),
+    (
+        # Finished messages (delivery/state.py): when the last recipient was settled.
+        # The content goes at that moment; the row stays for [queue] keep_finished
+        # seconds, found for the purge by this partial index (only finished rows in it).
+        "ALTER TABLE queue ADD COLUMN finished REAL",
+        "CREATE INDEX queue_finished ON queue(finished) WHERE state = 'done'",
+        # Messages finished before this version kept their content: drop it now and
+        # start their retention now. Their spool files no longer have a row pointing at
+        # them, so start-up removes them (store/queue.py collect_orphans).
+        """UPDATE queue SET prefix = x'', body = x'', body_path = NULL,
+           finished = (julianday('now') - 2440587.5) * 86400.0
+           WHERE state = 'done'""",
+    ),
 )
 
 

@@ -423,8 +423,11 @@ def collect_orphans(db_path: Path, spool_dir: Path, *, older_than: float) -> int
 
     A crash while a large message is being received leaves its `.tmp` file, and a crash
     between the rename and the row's commit leaves an `.eml`: neither was ever
-    acknowledged, so neither is a message. The age threshold spares a file that another
-    process (a CLI bounce) is writing at this moment. Returns how many were removed.
+    acknowledged, so neither is a message. A crash between the commit that finishes a
+    message (delivery/state.py drops `body_path` then) and the unlink of its file
+    leaves an `.eml` of a message already delivered. The age threshold spares a file
+    that another process (a CLI bounce) is writing at this moment. Returns how many
+    were removed.
     """
     database_dir = db_path.parent.resolve()
     conn = connect(db_path)
