@@ -20,9 +20,7 @@ from pathlib import Path
 
 from submitd.auth.passwords import CredentialVerifier
 from submitd.config import Config, load_config, split_host_port
-from submitd.delivery.notify import Notifier
-from submitd.delivery.router import Router
-from submitd.delivery.scheduler import Scheduler
+from submitd.delivery.worker import DeliveryWorker
 from submitd.policy.abuse import AbuseSettings, AuthThrottle, ConnectionLimiter
 from submitd.policy.limits import RateLimiter
 from submitd.smtp.session import AUTH_LINE_MAX, SessionSettings
@@ -105,9 +103,10 @@ async def serve(
     limiter = RateLimiter(
         config.database_path, config.policy, postmaster=f"postmaster@{config.hostname}"
     )
-    delivery = _Delivery(config, queue) if config.delivery.enabled else None
+    delivery = DeliveryWorker(config) if config.delivery.enabled else None
     submission = Submission(config, verifier, queue, limiter)
     if delivery is not None:
+        delivery.start()
         submission.on_commit = delivery.wake
     defended = config.abuse.enabled
     throttle = AuthThrottle(config.database_path, abuse_settings(config)) if defended else None
@@ -139,39 +138,6 @@ async def serve(
     await limiter.close()
     await queue.close()
     log.info("stopped")
-
-
-class _Delivery:
-    """The delivery loop as one task beside the listeners (DESIGN principle 6)."""
-
-    def __init__(self, config: Config, queue: Queue) -> None:
-        self.router = Router(config.delivery, config.hostname)
-        notifier = Notifier(
-            queue,
-            config.hostname,
-            config.delivery.delay_notice,
-            config.delivery.lifetime,
-            wake=lambda: None,
-        )
-        self.scheduler = Scheduler(
-            config.delivery,
-            config.database_path,
-            self.router,
-            notifier,
-            keep_finished=config.queue.keep_finished,
-        )
-        notifier.wake = self.scheduler.wake  # notices are queued mail: deliver them soon
-        self.task = asyncio.get_running_loop().create_task(self.scheduler.run())
-
-    def wake(self) -> None:
-        self.scheduler.wake()
-
-    async def stop(self) -> None:
-        await self.scheduler.stop()
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        await self.router.close()
 
 
 def _networks(config: Config) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

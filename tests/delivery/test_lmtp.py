@@ -45,6 +45,8 @@ class BytesSource:
     def size(self) -> int:
         return len(self.data)
 
+    in_memory = True
+
     def chunks(self) -> Iterator[bytes]:
         for start in range(0, len(self.data), self.piece):
             yield self.data[start : start + self.piece]

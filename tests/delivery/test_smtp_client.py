@@ -50,6 +50,8 @@ class Stored:
     def size(self) -> int:
         return len(self.data)
 
+    in_memory = True
+
     def chunks(self) -> Iterator[bytes]:
         for start in range(0, len(self.data), self.piece):
             yield self.data[start : start + self.piece]

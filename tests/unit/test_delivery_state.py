@@ -211,7 +211,8 @@ def test_retry_hold_and_release_leave_a_finished_message_alone(
     assert not state.set_state(conn, queue_id, "held")
     assert not state.set_state(conn, queue_id, "queued")
     assert _row(conn, queue_id) == ("done", b"", b"", None, 1000.0)
-    assert state.lease_due(conn, "test:1", time.time() + DAY, 10, 60.0) == []
+    leased = state.lease_and_load(conn, "test:1", time.time() + DAY, 10, 60.0, db_path.parent)
+    assert leased == []
 
 
 def test_an_unlink_lost_to_a_crash_leaves_an_orphan_that_start_up_collects(

@@ -78,6 +78,8 @@ class Scheduler:
         self._stopped = asyncio.Event()  # ends the purge loop's pause
         self._purger: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self._to_record: list[tuple[state.Attempt, asyncio.Future[state.Recorded]]] = []
+        self._recording = False
 
     def wake(self) -> None:
         """A message was committed: look for due work now, not at the next poll."""
@@ -115,9 +117,16 @@ class Scheduler:
         free = self.config.concurrency - len(self._running)
         if free <= 0:
             return
-        ids = await self._db(state.lease_due, self.owner, time.time(), free, LEASE_SECONDS)
-        for queue_id in ids:
-            task = asyncio.get_running_loop().create_task(self._attempt(queue_id))
+        loaded = await self._db(
+            state.lease_and_load,
+            self.owner,
+            time.time(),
+            free,
+            LEASE_SECONDS,
+            self.database.parent,
+        )
+        for message, source in loaded:
+            task = asyncio.get_running_loop().create_task(self._attempt(message, source))
             self._running.add(task)
             task.add_done_callback(self._finished)
 
@@ -133,16 +142,10 @@ class Scheduler:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wakeup.wait(), timeout)
 
-    async def _attempt(self, queue_id: str) -> None:
-        loaded = await self._db(state.load_with_source, queue_id, self.database.parent)
-        if loaded is None:
-            return  # deleted meanwhile
-        message, source = loaded
+    async def _attempt(self, message: LeasedMessage, source: state.StoredMessage) -> None:
+        queue_id = message.queue_id
         if not message.pending:
-            recorded = await self._db(
-                state.record, queue_id, [], time.time(), {}, self.keep_finished
-            )
-            await self._release(recorded)
+            await self._release(await self._record(queue_id, [], time.time(), {}))
             return
         tasks = [
             self._deliver_group(name, message, group, source)
@@ -151,9 +154,7 @@ class Scheduler:
         results = [pair for group in await asyncio.gather(*tasks) for pair in group]
         now = time.time()
         results, retry_at = self._retry_policy(message, results, now)
-        recorded = await self._db(
-            state.record, queue_id, results, now, retry_at, self.keep_finished
-        )
+        recorded = await self._record(queue_id, results, now, retry_at)
         for pending, outcome in results:
             log.info(
                 "queue=%s to=<%s> status=%s attempts=%d relay=%s reply=%s",
@@ -172,6 +173,40 @@ class Scheduler:
             # Only now: `source` reads a spooled body lazily, and a failure notice
             # returns the original (RET=FULL) from that very file.
             await self._release(recorded)
+
+    async def _record(
+        self,
+        queue_id: str,
+        results: list[tuple[PendingRecipient, Outcome]],
+        now: float,
+        retry_at: dict[int, float],
+    ) -> state.Recorded:
+        """Record an attempt; attempts that end while a batch is being written go
+        together in the next one (one thread trip and one commit for many)."""
+        done: asyncio.Future[state.Recorded] = asyncio.get_running_loop().create_future()
+        self._to_record.append((state.Attempt(queue_id, results, now, retry_at), done))
+        if not self._recording:
+            self._recording = True
+            asyncio.get_running_loop().create_task(self._write_records())
+        return await done
+
+    async def _write_records(self) -> None:
+        try:
+            while self._to_record:
+                batch, self._to_record = self._to_record, []
+                attempts = [attempt for attempt, _ in batch]
+                try:
+                    recorded = await self._db(state.record_many, attempts, self.keep_finished)
+                except Exception as error:  # each attempt reports it (and is retried)
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(error)
+                    continue
+                for (_, done), outcome in zip(batch, recorded, strict=True):
+                    if not done.done():
+                        done.set_result(outcome)
+        finally:
+            self._recording = False
 
     async def _release(self, recorded: state.Recorded) -> None:
         """Unlink a finished message's spool file (its row no longer points at it)."""

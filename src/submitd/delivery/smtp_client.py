@@ -239,6 +239,7 @@ class _Content:
     size: int
     pieces: Iterator[bytes] | None = None
     whole: bytes | None = None
+    in_memory: bool = False  # the pieces come from memory: no thread to read them
 
 
 def _split_message(message: bytes) -> tuple[bytes, bytes]:
@@ -820,7 +821,8 @@ class _Transaction:
         body = envelope.body.upper()
         params: list[str] = []
         use_bdat = False
-        content = _Content(self.job.message.size, pieces=self.job.message.chunks())
+        message = self.job.message
+        content = _Content(message.size, pieces=message.chunks(), in_memory=message.in_memory)
         convert = False
         if body == "BINARYMIME":
             if self.conn.offers("binarymime") and self.conn.offers("chunking"):
@@ -971,9 +973,14 @@ async def _pieces(content: _Content) -> AsyncIterator[bytes]:
         return
     assert content.pieces is not None
     iterator = content.pieces
+    if content.in_memory:
+        for piece in iterator:
+            if piece:
+                yield piece
+        return
     while True:
-        piece = await asyncio.to_thread(next, iterator, None)
-        if piece is None:
+        read = await asyncio.to_thread(next, iterator, None)
+        if read is None:
             return
-        if piece:
-            yield piece
+        if read:
+            yield read

@@ -75,41 +75,43 @@ def release_own_leases(conn: sqlite3.Connection, owner_prefix: str) -> int:
     return cursor.rowcount
 
 
-def lease_due(
+def _lease(
     conn: sqlite3.Connection, owner: str, now: float, limit: int, lease_seconds: float
 ) -> list[str]:
-    """Take up to `limit` due messages for `owner`; ids in due order."""
-    with transaction(conn):
-        rows = conn.execute(
-            """SELECT id FROM queue
-               WHERE state = 'queued' AND next_attempt <= ? AND lease_until <= ?
-               ORDER BY next_attempt LIMIT ?""",
-            (now, now, limit),
-        ).fetchall()
-        ids = [row[0] for row in rows]
-        conn.executemany(
-            "UPDATE queue SET lease_owner = ?, lease_until = ? WHERE id = ?",
-            [(owner, now + lease_seconds, queue_id) for queue_id in ids],
-        )
+    rows = conn.execute(
+        """SELECT id FROM queue
+           WHERE state = 'queued' AND next_attempt <= ? AND lease_until <= ?
+           ORDER BY next_attempt LIMIT ?""",
+        (now, now, limit),
+    ).fetchall()
+    ids = [row[0] for row in rows]
+    conn.executemany(
+        "UPDATE queue SET lease_owner = ?, lease_until = ? WHERE id = ?",
+        [(owner, now + lease_seconds, queue_id) for queue_id in ids],
+    )
     return ids
 
 
 def load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
     """The message's envelope and its pending recipients (rows made on first use)."""
     with transaction(conn):
-        row = conn.execute(
-            "SELECT envelope, created, size, delay_notified FROM queue WHERE id = ?",
-            (queue_id,),
-        ).fetchone()
-        if row is None:
-            return None  # deleted meanwhile
-        envelope = Envelope.from_json(json.loads(row[0]))
-        _ensure_rows(conn, queue_id, envelope)
-        pending = conn.execute(
-            """SELECT idx, attempts FROM deliveries
-               WHERE queue_id = ? AND state = 'pending' ORDER BY idx""",
-            (queue_id,),
-        ).fetchall()
+        return _load(conn, queue_id)
+
+
+def _load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
+    row = conn.execute(
+        "SELECT envelope, created, size, delay_notified FROM queue WHERE id = ?",
+        (queue_id,),
+    ).fetchone()
+    if row is None:
+        return None  # deleted meanwhile
+    envelope = Envelope.from_json(json.loads(row[0]))
+    _ensure_rows(conn, queue_id, envelope)
+    pending = conn.execute(
+        """SELECT idx, attempts FROM deliveries
+           WHERE queue_id = ? AND state = 'pending' ORDER BY idx""",
+        (queue_id,),
+    ).fetchall()
     return LeasedMessage(
         queue_id,
         envelope,
@@ -120,14 +122,25 @@ def load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
     )
 
 
-def load_with_source(
-    conn: sqlite3.Connection, queue_id: str, database_dir: Path
-) -> tuple[LeasedMessage, StoredMessage] | None:
-    """`load` and `stored_message` in one trip to the worker thread."""
-    message = load(conn, queue_id)
-    if message is None:
-        return None
-    return message, stored_message(conn, queue_id, database_dir)
+def lease_and_load(
+    conn: sqlite3.Connection,
+    owner: str,
+    now: float,
+    limit: int,
+    lease_seconds: float,
+    database_dir: Path,
+) -> list[tuple[LeasedMessage, StoredMessage]]:
+    """Take up to `limit` due messages for `owner` (in due order) and load each with its
+    content, in one transaction: one trip to the worker thread and one commit for a
+    whole batch, where a message at a time cost two of each."""
+    with transaction(conn):
+        ids = _lease(conn, owner, now, limit, lease_seconds)
+        loaded = []
+        for queue_id in ids:
+            message = _load(conn, queue_id)
+            if message is not None:
+                loaded.append((message, stored_message(conn, queue_id, database_dir)))
+    return loaded
 
 
 def _ensure_rows(conn: sqlite3.Connection, queue_id: str, envelope: Envelope) -> None:
@@ -151,33 +164,56 @@ def record(
     When none is left pending the message is finished (see the module docstring): kept
     without its content for `keep_finished` seconds, or deleted at once when that is 0.
     """
+    with transaction(conn):
+        return _record(conn, Attempt(queue_id, results, now, retry_at), keep_finished)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One attempt's outcomes, to record."""
+
+    queue_id: str
+    results: list[tuple[PendingRecipient, Outcome]]
+    now: float
+    retry_at: dict[int, float]
+
+
+def record_many(
+    conn: sqlite3.Connection, attempts: list[Attempt], keep_finished: float
+) -> list[Recorded]:
+    """`record` for several attempts in one transaction (the scheduler batches the
+    attempts that end while a previous batch is being written, like group commit)."""
+    with transaction(conn):
+        return [_record(conn, attempt, keep_finished) for attempt in attempts]
+
+
+def _record(conn: sqlite3.Connection, attempt: Attempt, keep_finished: float) -> Recorded:
     failed: list[tuple[PendingRecipient, Outcome]] = []
     delivered: list[tuple[PendingRecipient, Outcome]] = []
     deferred: list[tuple[PendingRecipient, Outcome]] = []
-    with transaction(conn):
-        for pending, outcome in results:
-            state = {Status.DELIVERED: "delivered", Status.FAILED: "failed"}.get(
-                outcome.status, "pending"
-            )
-            conn.execute(
-                """UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt = ?,
-                   last_reply = ?, enhanced = ?, remote_mta = ?, relayed = ?, updated = ?
-                   WHERE queue_id = ? AND idx = ? AND state = 'pending'""",
-                (
-                    state,
-                    retry_at.get(pending.index, 0.0),
-                    outcome.reply,
-                    outcome.enhanced,
-                    outcome.remote_mta,
-                    int(outcome.dsn_relayed),
-                    now,
-                    queue_id,
-                    pending.index,
-                ),
-            )
-            target = {"delivered": delivered, "failed": failed}.get(state, deferred)
-            target.append((pending, outcome))
-        done, released = _settle_message(conn, queue_id, now, keep_finished)
+    for pending, outcome in attempt.results:
+        state = {Status.DELIVERED: "delivered", Status.FAILED: "failed"}.get(
+            outcome.status, "pending"
+        )
+        conn.execute(
+            """UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt = ?,
+               last_reply = ?, enhanced = ?, remote_mta = ?, relayed = ?, updated = ?
+               WHERE queue_id = ? AND idx = ? AND state = 'pending'""",
+            (
+                state,
+                attempt.retry_at.get(pending.index, 0.0),
+                outcome.reply,
+                outcome.enhanced,
+                outcome.remote_mta,
+                int(outcome.dsn_relayed),
+                attempt.now,
+                attempt.queue_id,
+                pending.index,
+            ),
+        )
+        target = {"delivered": delivered, "failed": failed}.get(state, deferred)
+        target.append((pending, outcome))
+    done, released = _settle_message(conn, attempt.queue_id, attempt.now, keep_finished)
     return Recorded(tuple(failed), tuple(delivered), tuple(deferred), done, released)
 
 
@@ -272,6 +308,10 @@ class StoredMessage:
     body: bytes | None
     body_file: Path | None
     size: int
+
+    @property
+    def in_memory(self) -> bool:
+        return self.body is not None
 
     def chunks(self) -> Iterator[bytes]:
         yield self.prefix

@@ -38,6 +38,11 @@ class MessageSource(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def in_memory(self) -> bool:
+        """True when `chunks` reads no file: iterate it on the event loop, no thread."""
+        ...
+
     def chunks(self) -> Iterator[bytes]: ...
 
 
