@@ -23,14 +23,14 @@ messages_per_hour and recipients_per_day (counts are still kept).
 Where the counts live. The checks run on the event loop and read memory only. Each
 count there is "total in the database at the last merge" plus "recorded here since";
 `record_message` adds to memory at once and hands the increment to the writer thread of
-store/counters.py, which commits it (a few milliseconds later, batched) with an atomic
+store/counters.py, which commits it (within 50 ms, batched) with an atomic
 `total = total + n` and brings back the totals other processes have committed. The
 database is therefore the source of truth, and every process converges on it.
 
 Error bounds (documented promises, tested in tests/unit/test_limits.py):
 
 - Restart: a crash forgets only counts recorded but not yet committed by the writer
-  thread, i.e. the batch in flight (it starts as soon as a count is recorded). A clean
+  thread, i.e. the batch in flight (it starts 50 ms after its first count). A clean
   `close()` commits everything.
 - Several processes (issue 5): a process sees another's counts at its next merge:
   after its own next batch, and at the latest `sync_interval` seconds (default 1 s).
@@ -293,7 +293,7 @@ class RateLimiter:
 
     async def record_message(self, login: str, recipients: int, now: float) -> None:
         """Count one committed message and its recipients. Returns at once: memory is
-        updated now, the database a few milliseconds later by the writer thread."""
+        updated now, the database within 50 ms by the writer thread."""
         self._observe(now)
         key = login.lower()
         hour, day = _window_start(now, HOUR), _window_start(now, DAY)

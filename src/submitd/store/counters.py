@@ -12,8 +12,9 @@ and shared. One writer thread per `CounterStore` owns a connection and runs cycl
    row changed since its previous cycle and hands the totals, which include the other
    processes' counts, to the `on_sync` callback.
 
-A cycle starts as soon as increments arrive (no timer, as in the queue's group commit:
-while one transaction runs, new increments form the next batch) and otherwise every
+A cycle starts 50 ms after the first increment of a batch (`batch_delay`; as in the
+queue's group commit, while one transaction runs new increments form the next batch)
+and otherwise every
 `sync_interval` seconds, so a process sees the others' counts within that interval.
 
 Change tracking. `settings.rate_counters_generation` is bumped by each write
@@ -25,7 +26,7 @@ and reads only the rows that changed (cheap with thousands of idle users).
 Durability: the connection is relaxed (`synchronous=NORMAL`, store/database.py): a
 committed cycle survives a crash of the process, and a power cut may lose the last
 second. What a process crash can forget is only what was added but not yet committed:
-the increments of the current batch, a few milliseconds' worth.
+the increments of the current batch, at most 50 ms' worth.
 
 Rows are kept per (login, kind, window_start) with the window's end; the store does
 not interpret windows, it only deletes rows whose window has ended when asked.
