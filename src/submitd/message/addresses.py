@@ -107,6 +107,7 @@ _ATEXT = frozenset(
 # RFC 5322 3.2.3: specials that are tokens on their own ('"', "[", "(" start longer ones).
 _SPECIAL_TOKENS = frozenset("<>:;@,.")
 _WSP = " \t"
+_WSP_RUN = re.compile(r"[ \t]+")
 
 
 def _is_atext(ch: str) -> bool:
@@ -168,6 +169,12 @@ def remove_comments(text: str) -> str:
     Used to read structured values such as the date-time, where CFWS may appear between
     any two tokens (RFC 5322 4.3). Raises AddressError on an unterminated comment.
     """
+    if "(" not in text and "\r" not in text and "\n" not in text:
+        return _WSP_RUN.sub(" ", text)  # the common case, without a walk in Python
+    return _remove_comments_walk(text)
+
+
+def _remove_comments_walk(text: str) -> str:
     out: list[str] = []
     pos = 0
     while pos < len(text):
