@@ -10,7 +10,7 @@ import asyncio
 import email
 import email.policy
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -549,17 +549,7 @@ def test_connection_dropped_unseen_is_retried_on_a_new_one(peer: Peer) -> None:
     """A reused connection that dies before answering anything: nothing can have been
     accepted, so the message goes at once on a new connection instead of waiting."""
 
-    async def go() -> list[Outcome]:
-        pool = HopPool()
-        try:
-            settings = hop(peer)
-            await pool.send(settings, None, job())
-            peer.drop_once = {"MAIL"}
-            return await pool.send(settings, None, job())
-        finally:
-            await pool.close()
-
-    outcomes = asyncio.run(go())
+    outcomes = _second_after(peer, lambda: setattr(peer, "drop_once", {"MAIL"}))
     assert outcomes[0].status is Status.DELIVERED
     assert peer.connections == 2 and len(peer.transactions) == 2
 
@@ -574,19 +564,26 @@ def test_connection_dropped_on_a_new_connection_is_deferred(peer: Peer) -> None:
 def test_dead_idle_connection_is_replaced(peer: Peer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(smtp_client, "NOOP_AFTER_IDLE", 0.0)
 
+    outcomes = _second_after(peer, lambda: peer.command_replies.update(NOOP="421 4.3.2 going away"))
+    assert outcomes[0].status is Status.DELIVERED
+    assert peer.connections == 2 and len(peer.transactions) == 2
+
+
+def _second_after(peer: Peer, between: Callable[[], object]) -> list[Outcome]:
+    """Two messages through one pool, with `between` done to the peer after the first;
+    the outcomes of the second."""
+
     async def go() -> list[Outcome]:
         pool = HopPool()
         try:
             settings = hop(peer)
             await pool.send(settings, None, job())
-            peer.command_replies["NOOP"] = "421 4.3.2 going away"
+            between()
             return await pool.send(settings, None, job())
         finally:
             await pool.close()
 
-    outcomes = asyncio.run(go())
-    assert outcomes[0].status is Status.DELIVERED
-    assert peer.connections == 2 and len(peer.transactions) == 2
+    return asyncio.run(go())
 
 
 def test_idle_connections_expire(peer: Peer) -> None:

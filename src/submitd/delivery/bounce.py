@@ -23,13 +23,7 @@ async def bounce_message(config: Config, queue_id: str) -> None:
         source = state.stored_message(conn, queue_id, config.database_path.parent)
     queue = Queue(config.database_path, config.spool_dir, config.queue)
     try:
-        notifier = Notifier(
-            queue,
-            config.hostname,
-            config.delivery.delay_notice,
-            config.delivery.lifetime,
-            wake=lambda: None,
-        )
+        notifier = Notifier.for_site(config, queue)
         items = [
             (pending, Outcome(pending.recipient, Status.FAILED, DELETED, "5.0.0"))
             for pending in message.pending

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from submitd.config import Config
 from submitd.delivery.state import LeasedMessage, PendingRecipient, Recorded, StoredMessage
 from submitd.delivery.types import Outcome
 from submitd.envelope import Envelope, Recipient, SessionInfo
@@ -42,6 +43,12 @@ class Notifier:
     delay_notice: float
     lifetime: float
     wake: Callable[[], None]
+
+    @classmethod
+    def for_site(cls, config: Config, queue: Queue) -> Notifier:
+        """The site's notifier; `wake` is set by whoever delivers what it queues."""
+        delivery = config.delivery
+        return cls(queue, config.hostname, delivery.delay_notice, delivery.lifetime, lambda: None)
 
     async def after_attempt(
         self, message: LeasedMessage, recorded: Recorded, source: StoredMessage, now: float

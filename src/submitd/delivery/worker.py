@@ -132,13 +132,7 @@ class Delivery:
 
     def __init__(self, config: Config, queue: Queue) -> None:
         self.router = Router(config.delivery, config.hostname)
-        notifier = Notifier(
-            queue,
-            config.hostname,
-            config.delivery.delay_notice,
-            config.delivery.lifetime,
-            wake=lambda: None,
-        )
+        notifier = Notifier.for_site(config, queue)
         self.scheduler = Scheduler(
             config.delivery,
             config.database_path,
