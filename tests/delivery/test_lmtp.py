@@ -20,7 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from submitd.delivery.lmtp import DotStuffer, LmtpRoute, LmtpSettings, dot_stuff
+from submitd.delivery.content import DotStuffer, dot_stuff
+from submitd.delivery.lmtp import LmtpRoute, LmtpSettings
 from submitd.delivery.types import Job, Outcome, Status
 from submitd.envelope import Envelope, Recipient
 from tests.delivery.dovecot_fixture import (  # noqa: F401 (dovecot_fixture: the fixture)

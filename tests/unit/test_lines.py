@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import submitd.delivery.smtp_client as smtp_client
+import submitd.delivery.content as outgoing
 import submitd.smtp.body as body
 from submitd.lines import crlf_mismatch, dots_after_lf, has_run_without_lf
 from submitd.smtp.body import MAX_LINE, DataReader, LineChecker
@@ -40,7 +40,7 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     """Run a test once with every piece on the bytes path, once with all on numpy's."""
     threshold = 1 << 40 if request.param == "bytes" else 0
     monkeypatch.setattr(body, "LARGE", threshold)
-    monkeypatch.setattr(smtp_client, "LARGE", threshold)
+    monkeypatch.setattr(outgoing, "LARGE", threshold)
     return str(request.param)
 
 
@@ -85,19 +85,19 @@ def test_line_checks_agree(data: bytes, cuts: list[int]) -> None:
 
 
 def _stuff(data: bytes, cuts: list[int], large: bool) -> bytes:
-    smtp_client.LARGE = 0 if large else 1 << 40
-    stuffer = smtp_client._DotStuffer()
+    outgoing.LARGE = 0 if large else 1 << 40
+    stuffer = outgoing.DotStuffer()
     return b"".join(stuffer.feed(piece) for piece in cut(data, cuts))
 
 
 @settings(max_examples=400, deadline=None)
 @given(data=contents, cuts=cut_lists)
 def test_dot_stuffing_agrees(data: bytes, cuts: list[int]) -> None:
-    saved = smtp_client.LARGE
+    saved = outgoing.LARGE
     try:
         assert _stuff(data, cuts, large=True) == _stuff(data, cuts, large=False)
     finally:
-        smtp_client.LARGE = saved
+        outgoing.LARGE = saved
 
 
 @given(data=contents, start=st.integers(0, 50))
@@ -133,7 +133,7 @@ def test_large_piece_round_trip(path: str) -> None:
         got, rest = reader.feed(wire[offset : offset + (1 << 18)])
         content += got
     assert (content, rest, reader.checker.finish()) == (original, b"QUIT\r\n", None)
-    stuffer = smtp_client._DotStuffer()
+    stuffer = outgoing.DotStuffer()
     pieces = [content[i : i + 65536] for i in range(0, len(content), 65536)]
     restuffed = b"".join(stuffer.feed(piece) for piece in pieces)
     assert restuffed + b".\r\nQUIT\r\n" == wire

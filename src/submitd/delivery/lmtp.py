@@ -18,8 +18,8 @@ connection, a reply that is not LMTP) defers the recipients not yet decided: the
 scheduler tries again later, and a possible duplicate is better than a loss
 (RFC 5321 6.1).
 
-Message content is never walked line by line in Python: dot-stuffing is one
-`bytes.replace` per piece plus a look at the piece boundary (see DotStuffer).
+Message content is read and dot-stuffed by `submitd.delivery.content`, as for SMTP:
+spooled bodies in a thread, never line by line in Python.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from submitd.delivery.content import DotStuffer, pieces
 from submitd.delivery.types import Job, Outcome, Status
 from submitd.envelope import Recipient
 
@@ -115,44 +116,6 @@ class _SessionEnded(Exception):
         super().__init__(reply)
         self.reply = reply
         self.enhanced = enhanced
-
-
-class DotStuffer:
-    """Dot-stuffing for DATA (RFC 5321 4.5.2) over a stream of pieces, in C.
-
-    Each piece gets one `bytes.replace(b"\\r\\n.", b"\\r\\n..")`; the only lines the
-    replace cannot see are the first one and one whose CRLF was split between two
-    pieces, so the last two octets sent are kept and checked against the next piece.
-    The content is CRLF-only (the session refused bare CR and LF for everything but
-    BINARYMIME, which goes by BDAT), so CRLF is the only line ending to consider.
-    """
-
-    __slots__ = ("_tail",)
-
-    def __init__(self) -> None:
-        self._tail = b"\r\n"  # the start of the message is the start of a line
-
-    def feed(self, piece: bytes) -> bytes:
-        if not piece:
-            return b""
-        stuffed = piece.replace(b"\r\n.", b"\r\n..")
-        if piece[:1] == b"." and self._tail == b"\r\n":
-            stuffed = b"." + stuffed
-        elif piece[:2] == b"\n." and self._tail[-1:] == b"\r":
-            stuffed = b"\n." + stuffed[1:]
-        self._tail = (self._tail + piece)[-2:]
-        return stuffed
-
-    def finish(self) -> bytes:
-        """The end of data (CRLF.CRLF), with the CRLF a message without one at its end
-        needs so that the dot stands on a line of its own."""
-        return b".\r\n" if self._tail == b"\r\n" else b"\r\n.\r\n"
-
-
-def dot_stuff(message: bytes) -> bytes:
-    """The whole DATA payload for one message in memory: stuffed, with CRLF.CRLF."""
-    stuffer = DotStuffer()
-    return stuffer.feed(message) + stuffer.finish()
 
 
 def _outcome(recipient: Recipient, reply: Reply, remote_mta: str) -> Outcome:
@@ -360,7 +323,7 @@ class _Session:
 
     async def _send_data(self, job: Job) -> None:
         stuffer = DotStuffer()
-        for piece in job.message.chunks():
+        async for piece in pieces(job.message):
             await self._send(stuffer.feed(piece))
         await self._send(stuffer.finish())
         self.data_sent = True
@@ -372,7 +335,7 @@ class _Session:
         size = job.message.size
         await self._send(f"BDAT {size} LAST\r\n".encode())
         sent = 0
-        for piece in job.message.chunks():
+        async for piece in pieces(job.message):
             sent += len(piece)
             if sent > size:
                 break

@@ -13,9 +13,10 @@ and drops replies that arrive while none is pending) nor stream a message:
 * MAIL, every RCPT and DATA go out in one write to a hop that offers PIPELINING
   (RFC 2920 3.1), one at a time otherwise; the replies are read back in order;
 * the message is **streamed** after 354, chunk by chunk from ``job.message.chunks()``,
-  dot-stuffed here (RFC 5321 4.5.2); ``SMTP.data()`` takes the whole message as one
-  ``bytes`` and also rewrites bare CR and LF to CRLF, while a stored message must go out
-  byte for byte (DESIGN principle 4) and may be 50 MB;
+  dot-stuffed on the way (RFC 5321 4.5.2, :mod:`submitd.delivery.content`);
+  ``SMTP.data()`` takes the whole message as one ``bytes`` and also rewrites bare CR and
+  LF to CRLF, while a stored message must go out byte for byte (DESIGN principle 4) and
+  may be 50 MB;
 * BDAT (RFC 3030), used only for BODY=BINARYMIME, which DATA cannot carry.
 
 Status codes of our own diagnoses (RFC 3463), chosen so that a route sees "could not
@@ -59,7 +60,6 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
-import itertools
 import os
 import re
 import socket
@@ -80,10 +80,10 @@ from aiosmtplib.errors import (
     SMTPServerDisconnected,
 )
 
+from submitd.delivery.content import DotStuffer, pieces
 from submitd.delivery.replies import ReplyReader
-from submitd.delivery.types import Job, Outcome, Status
+from submitd.delivery.types import Job, MessageSource, Outcome, Status
 from submitd.envelope import Recipient
-from submitd.lines import LARGE, dots_after_lf
 from submitd.message.repair import RepairImpossible, repair_8bit
 
 __all__ = ["HopPool", "HopSettings"]
@@ -194,53 +194,13 @@ def _orcpt(recipient: Recipient) -> str:
 # --- message content ----------------------------------------------------------------
 
 
-class _DotStuffer:
-    """Dot-stuff a message given in pieces (RFC 5321 4.5.2), whatever the piece borders.
-
-    A line starts after CRLF. The last two octets of the previous piece are kept so that a
-    CRLF or a "CR" + "LF." split between pieces is still seen; the stored message has no
-    bare CR or LF outside BINARYMIME (submitd refuses them on input), so stuffing after
-    CRLF only is exactly what the receiver will undo.
-    """
-
-    def __init__(self) -> None:
-        self._tail = CRLF  # the message starts at a line start
-        self.ends_with_crlf = True
-
-    def feed(self, piece: bytes) -> bytes:
-        if not piece:
-            return piece
-        if len(piece) >= LARGE:
-            return self._feed_large(piece)
-        joined = self._tail + piece
-        stuffed = joined.replace(b"\r\n.", b"\r\n..")[len(self._tail) :]
-        self._tail = joined[-2:]
-        self.ends_with_crlf = self._tail == CRLF
-        return stuffed
-
-    def _feed_large(self, piece: bytes) -> bytes:
-        """The same with a vectorised search: most large messages need no dot at all,
-        and then the piece goes out as it is, without a copy."""
-        head = self._tail + piece[:2]  # line starts at piece offsets 0 and 1
-        dots = [d - 2 for d in dots_after_lf(head) if d >= 2 and head[d - 2 : d] == CRLF]
-        dots += [d for d in dots_after_lf(piece) if d >= 2 and piece[d - 2 : d] == CRLF]
-        self._tail = (self._tail + piece[-2:])[-2:]
-        self.ends_with_crlf = self._tail == CRLF
-        if not dots:
-            return piece
-        starts = [0, *dots]
-        ends = [*dots, len(piece)]
-        return b".".join(piece[start:end] for start, end in zip(starts, ends, strict=True))
-
-
 @dataclass(slots=True)
 class _Content:
-    """What goes after DATA or BDAT: the stored pieces, or a converted whole message."""
+    """What goes after DATA or BDAT: the stored message, or a converted whole one."""
 
     size: int
-    pieces: Iterator[bytes] | None = None
+    source: MessageSource | None = None
     whole: bytes | None = None
-    in_memory: bool = False  # the pieces come from memory: no thread to read them
 
 
 def _split_message(message: bytes) -> tuple[bytes, bytes]:
@@ -315,7 +275,6 @@ class _Connection:
 # NOOP per message would cost a round trip each, and a connection that died unseen in
 # the meantime is caught anyway (HopPool.send retries on a checked one).
 NOOP_AFTER_IDLE = 2.0
-READ_AHEAD = 4  # stored pieces (1 MiB each) read per trip to a thread
 
 
 class HopPool:
@@ -823,8 +782,7 @@ class _Transaction:
         body = envelope.body.upper()
         params: list[str] = []
         use_bdat = False
-        message = self.job.message
-        content = _Content(message.size, pieces=message.chunks(), in_memory=message.in_memory)
+        content = _Content(self.job.message.size, source=self.job.message)
         convert = False
         if body == "BINARYMIME":
             if self.conn.offers("binarymime") and self.conn.offers("chunking"):
@@ -901,11 +859,11 @@ class _Transaction:
     async def _data(self, content: _Content) -> SMTPResponse:
         """The dot-stuffed message streamed in pieces after 354, then "." (RFC 5321
         4.1.1.4)."""
-        stuffer = _DotStuffer()
+        stuffer = DotStuffer()
         async for piece in _pieces(content):
             self._write(stuffer.feed(piece))
             await self._drain()
-        self._write((b"" if stuffer.ends_with_crlf else CRLF) + b".\r\n")
+        self._write(stuffer.finish())
         response = await self._reply(self._final_timeout)
         self.conn.needs_reset = False
         return response
@@ -968,28 +926,11 @@ def _take_over(smtp: SMTP) -> Iterator[ReplyReader]:
 
 
 async def _pieces(content: _Content) -> AsyncIterator[bytes]:
-    """The content's non-empty pieces; stored ones are read in a thread (DESIGN 8)."""
+    """The content's non-empty pieces (a stored message is read by content.pieces)."""
     if content.whole is not None:
         if content.whole:
             yield content.whole
         return
-    assert content.pieces is not None
-    iterator = content.pieces
-    if content.in_memory:
-        for piece in iterator:
-            if piece:
-                yield piece
-        return
-    while True:
-        # A few pieces per trip to the thread: each trip costs two context switches,
-        # which for a 1 MiB message were as dear as reading it.
-        batch = await asyncio.to_thread(_take, iterator, READ_AHEAD)
-        for read in batch:
-            if read:
-                yield read
-        if len(batch) < READ_AHEAD:
-            return
-
-
-def _take(iterator: Iterator[bytes], count: int) -> list[bytes]:
-    return list(itertools.islice(iterator, count))
+    assert content.source is not None
+    async for piece in pieces(content.source):
+        yield piece
