@@ -132,6 +132,8 @@ async def serve(
         ready()
     await stop.wait()
     log.info("shutting down")
+    if delivery is not None:
+        delivery.begin_stop()
     await _shut_down(servers, context, config.limits.shutdown_grace)
     if throttle is not None:
         await throttle.close()

@@ -93,3 +93,20 @@ def test_worker_that_dies_is_restarted_and_delivers(tmp_path: Path) -> None:
             assert "delivery worker exited" in server.log_path.read_text()
         finally:
             server.stop()
+
+
+def test_terminating_server_and_worker_together_starts_no_new_worker(tmp_path: Path) -> None:
+    """What a service manager does that signals the whole process group."""
+    with Peer() as peer:
+        server = make_server(tmp_path, peer_route(peer), delivery=True)
+        try:
+            worker = _worker(server)
+            assert server.process is not None
+            os.kill(worker, signal.SIGTERM)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(30) == 0
+            log = server.log_path.read_text()
+            assert "restarting" not in log and "delivery worker started" in log
+            assert log.count("delivery worker started") == 1
+        finally:
+            server.stop()

@@ -15,7 +15,8 @@ and `serve --dev` has no file to point it at.
 The worker must not outlive the server: a worker left behind by a `kill -9` would keep
 leases that the restarted server takes back as its own, and deliver twice. On Linux the
 kernel kills it with its parent (PR_SET_PDEATHSIG); everywhere it stops when the socket
-reaches EOF. If the worker dies on its own, the server logs it and starts another.
+reaches EOF. If the worker dies (a signal, an error), the server logs it and starts
+another; one that stopped cleanly after a SIGTERM of its own is left stopped.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class DeliveryWorker:
         if not self._wake_pending:
             self._wake_pending = True
             asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def begin_stop(self) -> None:
+        """The server is stopping: a worker that exits from now on is not replaced.
+
+        Said at once on SIGTERM, before the listeners' grace period: a service manager
+        that signals the whole process group stops the worker at the same moment.
+        """
+        self._stopping = True
 
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM: the worker finishes or hands back its attempts, then exits."""
@@ -117,6 +126,9 @@ class DeliveryWorker:
             assert process is not None
             code = await asyncio.to_thread(process.wait)
             if self._stopping:
+                return
+            if code == 0:  # it was told to stop (SIGTERM sent to it alone): respect that
+                log.warning("delivery worker stopped (status 0); restart submitd to deliver")
                 return
             log.error("delivery worker exited with status %s; restarting in %.0f s", code, delay)
             await asyncio.sleep(delay)
