@@ -251,3 +251,39 @@ def test_concurrent_verifications_do_not_block_the_loop(db_path: Path, admin: Us
     verifier.close()
     assert results == [None] * 8
     assert ticks > 3  # the loop kept running while argon2 worked in threads
+
+
+def _stored_hash(db_path: Path) -> str:
+    conn = sqlite3.connect(db_path)
+    try:
+        return str(conn.execute("SELECT password_hash FROM users").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_login_rehashes_a_hash_made_with_older_costs(db_path: Path, admin: UserStore) -> None:
+    """Raising the costs in the configuration reaches the account at its next login."""
+    stronger = AuthConfig(argon2_memory_kib=8192, argon2_time_cost=2)
+    generation = admin.credentials_generation()
+    verifier = _verifier(db_path, stronger)
+    assert asyncio.run(verifier.verify(ALICE, "wrong")) is None
+    assert ",t=1," in _stored_hash(db_path)  # a failed login changes nothing
+    assert asyncio.run(verifier.verify(ALICE, "correct horse")) is not None
+    verifier.close()
+    upgraded = _stored_hash(db_path)
+    assert upgraded.startswith("$argon2id$v=19$m=8192,t=2,p=1$")
+    assert PasswordHasher(stronger).verify(upgraded, "correct horse")
+    assert admin.credentials_generation() == generation  # caches elsewhere stay valid
+    again = _verifier(db_path, stronger)
+    assert asyncio.run(again.verify(ALICE, "correct horse")) is not None
+    again.close()
+    assert _stored_hash(db_path) == upgraded  # once is enough
+
+
+def test_rehash_never_overwrites_a_password_changed_meanwhile(
+    db_path: Path, admin: UserStore
+) -> None:
+    old = _stored_hash(db_path)
+    admin.set_password(ALICE, PasswordHasher(CHEAP).hash("new password"))
+    assert not admin.replace_hash(ALICE, old, PasswordHasher(CHEAP).hash("correct horse"))
+    assert PasswordHasher(CHEAP).verify(_stored_hash(db_path), "new password")

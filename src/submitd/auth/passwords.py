@@ -23,6 +23,10 @@ the password; without the secret (stored in the database, 0600) a memory dump do
 even allow a cheap offline guess. SASL (RFC 4616) logins cannot contain NUL, so the
 separator is unambiguous.
 
+Why a re-hash at login: a hash made with older costs is replaced after the next
+successful login (the only moment the password is known), so raising the costs in the
+configuration reaches every account.
+
 Why the generation counter: `submitd user passwd` (or del, or an address change) runs
 in another process. It bumps `credentials_generation` in the database; the verifier
 reads it at most once a second and drops every entry made under an older value. A
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -51,6 +56,7 @@ from submitd.store.database import connect
 from submitd.store.users import User, UserStore
 
 GENERATION_CHECK_SECONDS = 1.0
+log = logging.getLogger("submitd.auth")
 
 
 class PasswordHasher:
@@ -73,6 +79,13 @@ class PasswordHasher:
         try:
             return self._hasher.verify(password_hash, password)
         except (VerificationError, InvalidHashError):
+            return False
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        """Was the hash made with other costs (or another variant) than configured?"""
+        try:
+            return self._hasher.check_needs_rehash(password_hash)
+        except (InvalidHashError, ValueError):
             return False
 
 
@@ -177,4 +190,19 @@ class CredentialVerifier:
             user, generation = self._store.snapshot(login)
         stored = user.password_hash if user is not None else self._dummy_hash
         matched = self._hasher.verify(stored, password)
+        if matched and user is not None and self._hasher.needs_rehash(stored):
+            self._upgrade(user, stored, password)
         return (user if matched else None), generation
+
+    def _upgrade(self, user: User, stored: str, password: str) -> None:
+        """Re-hash with the configured costs, the one moment the password is known.
+
+        Raising `argon2_*` in the configuration thus reaches every account at its next
+        login (OWASP's advice), not only new passwords. The stored hash is replaced only
+        if it is still the one we checked (a `user passwd` meanwhile wins), and the
+        credentials generation is not bumped: the password itself did not change.
+        """
+        upgraded = self._hasher.hash(password)
+        with self._lock:
+            if self._store.replace_hash(user.login, stored, upgraded):
+                log.info("user=%s password re-hashed with the configured argon2 costs", user.login)

@@ -95,6 +95,16 @@ class UserStore:
         with transaction(self._conn):
             self._update_user(login, "password_hash = ?", (password_hash,))
 
+    def replace_hash(self, login: str, old: str, new: str) -> bool:
+        """Swap a password hash for a stronger one of the same password, only if it is
+        still `old`; no generation bump (cached logins stay right). True if swapped."""
+        with transaction(self._conn):
+            cursor = self._conn.execute(
+                "UPDATE users SET password_hash = ? WHERE login = ? AND password_hash = ?",
+                (new, login, old),
+            )
+        return cursor.rowcount == 1
+
     def delete(self, login: str) -> None:
         with transaction(self._conn):
             cursor = self._conn.execute("DELETE FROM users WHERE login = ?", (login,))
