@@ -26,31 +26,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
-import evloop
 from soak import (
     GOOD_IPS,
-    PASSWORD,
-    USER,
     Mix,
     QueueCheck,
     Submitd,
     Tally,
     Target,
+    add_driver_options,
     check_queue,
     good_client,
     log,
+    main_on_submitd,
+    print_outcomes,
 )
 
 
@@ -146,6 +142,7 @@ async def crash_loop(args: argparse.Namespace, server: Submitd) -> CrashLoopResu
         run_id="crash",
     )
     history: list[Round] = []
+    log(f"data in {server.root}")
     started = time.monotonic()
     deadline = started + args.max_minutes * 60
     server.start()
@@ -217,15 +214,12 @@ def print_report(result: CrashLoopResult, kills_asked: int) -> None:
         f"quick_check: {result.integrity}; mean restart {result.mean_start_s} s"
     )
     print(f"  final check: {result.final_check}")
-    print("  client outcomes (errors after each kill are expected):")
-    for text, count in result.client_outcomes.items():
-        print(f"    {count:7d}  {text}")
-    if result.violations:
-        print("VIOLATIONS:")
-        for text in result.violations:
-            print(f"  - {text}")
-    else:
-        print("OK: nothing acknowledged was lost")
+    print_outcomes(
+        "  client outcomes (errors after each kill are expected):",
+        result.client_outcomes,
+        result.violations,
+        "OK: nothing acknowledged was lost",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -238,30 +232,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-minutes", type=float, default=30.0, help="stop starting rounds after this")
     add("--seed", type=int, default=1, help="random seed (kill times, sizes)")
     add("--stop-on-failure", action="store_true", help="stop at the first failed check")
-    add("--json-out", type=Path, help="write the result with every round as JSON")
-    add("--keep", action="store_true", help="keep the temporary directory")
+    add_driver_options(parser, "with every round")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server
-    root = Path(tempfile.mkdtemp(prefix="submitd-crashloop-"))
-    server = Submitd(root)
-    try:
-        server.prepare({USER: PASSWORD})
-        log(f"data in {root}")
-        result = evloop.run(crash_loop(args, server))
-    finally:
-        server.stop()
-        if args.keep:
-            log(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    print_report(result, args.kills)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(asdict(result), indent=2))
-    return 1 if result.violations else 0
+    return main_on_submitd(
+        args,
+        "crashloop",
+        Submitd,
+        crash_loop,
+        lambda result: print_report(result, args.kills),
+    )
 
 
 if __name__ == "__main__":

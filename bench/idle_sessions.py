@@ -35,10 +35,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-import signal
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -47,6 +44,7 @@ from typing import Any
 
 import evloop
 import loadgen
+from proctree import Sampler
 from soak import (
     CLIENT_ERRORS,
     PASSWORD,
@@ -63,6 +61,7 @@ from soak import (
     open_authenticated,
     options,
     proc_status,
+    scratch_directory,
     send_message,
     tcp_connections,
 )
@@ -189,31 +188,20 @@ async def idle_sessions(
     )
 
 
-class RssSampler:
+class RssSampler(Sampler):
     """VmRSS of one process every `interval` seconds in a thread; keeps the peak."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
+        super().__init__(interval)
         self.pid = pid
-        self.interval = interval
         self.peak_mb = 0.0
         self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.monotonic()
 
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            value = rss_mb(self.pid)
-            self.samples.append((round(time.monotonic() - self._t0, 1), value))
-            self.peak_mb = max(self.peak_mb, value)
+    def sample(self) -> None:
+        value = rss_mb(self.pid)
+        self.samples.append((round(time.monotonic() - self._t0, 1), value))
+        self.peak_mb = max(self.peak_mb, value)
 
 
 @dataclass
@@ -377,15 +365,8 @@ async def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server
-    root = Path(tempfile.mkdtemp(prefix="submitd-idle-"))
-    try:
+    with scratch_directory("idle", args.keep) as root:
         results = evloop.run(run_all(args, root))
-    finally:
-        if args.keep:
-            log(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     failed = [r for r in results["idle"] if r.sessions_open < r.sessions_asked]
     large: LargeResult | None = results["large"]
     if large is not None and (not large.intact or large.peak_rss_mb >= args.peak_limit_mb):

@@ -9,11 +9,8 @@ file (no saslauthd daemon needed), relay only for authenticated clients, everyth
 relayed to the benchmark's sink, and Postfix's normal fsync'd queue, so the comparison
 with submitd is one of equal durability.
 
-Gotchas handled here (see shared/notes/test-peers.md): there is no syslog, so
-`maillog_file` is set (and allowed through `maillog_file_prefixes`); `postfix start`
-reports configuration errors only to syslog when stderr is not a terminal, so on
-failure `postfix check` is re-run under `script` to get its messages; every service is
-unchrooted (a chroot would need copies of the SASL database and libraries).
+The directory layout, the sasldb, start and stop, and the gotchas of running Postfix
+like this, are in postfix_instance.py, shared with the delivery tests' smarthost.
 
 Used as a module by run.py; `python bench/postfix_peer.py --port 2587 --sink-port 2525`
 starts one by hand and prints how to reach it.
@@ -22,100 +19,41 @@ starts one by hand and prints how to reach it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import grp
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from postfix_instance import (
+    PACKAGES,
+    PostfixError,
+    PostfixInstance,
+    main_cf_paths,
+    main_cf_sasl,
+    make_directories,
+    services,
+    write_sasl,
+)
+from postfix_instance import start as start_instance
 from proctree import cpu_seconds, tree_pids
 from tlscert import make_self_signed
 
 HOSTNAME = "postfix.bench.test"
 DEFAULT_USER = "bench@example.test"
-PACKAGES = ("postfix", "sasl2-bin", "libsasl2-modules", "libsasl2-modules-db")
-
-# The unix-domain services of Debian's master.cf.proto, all with chroot "n"; the
-# port-25 listener is left out on purpose: this instance only speaks submission.
-_SERVICES = """\
-pickup     unix  n  -  n  60    1  pickup
-cleanup    unix  n  -  n  -     0  cleanup
-qmgr       unix  n  -  n  300   1  qmgr
-tlsmgr     unix  -  -  n  1000? 1  tlsmgr
-rewrite    unix  -  -  n  -     -  trivial-rewrite
-bounce     unix  -  -  n  -     0  bounce
-defer      unix  -  -  n  -     0  bounce
-trace      unix  -  -  n  -     0  bounce
-verify     unix  -  -  n  -     1  verify
-flush      unix  n  -  n  1000? 0  flush
-proxymap   unix  -  -  n  -     -  proxymap
-proxywrite unix  -  -  n  -     1  proxymap
-smtp       unix  -  -  n  -     -  smtp
-relay      unix  -  -  n  -     -  smtp
-showq      unix  n  -  n  -     -  showq
-error      unix  -  -  n  -     -  error
-retry      unix  -  -  n  -     -  error
-discard    unix  -  -  n  -     -  discard
-local      unix  -  n  n  -     -  local
-anvil      unix  -  -  n  -     1  anvil
-scache     unix  -  -  n  -     1  scache
-postlog    unix-dgram n  -  n  -  1  postlogd
-"""
-
-
-class PostfixError(RuntimeError):
-    """Postfix could not be installed, configured or started; the text says why."""
 
 
 @dataclass
-class PostfixPeer:
+class PostfixPeer(PostfixInstance):
     """One private instance: where it lives and how to reach it."""
 
-    root: Path
     port: int
     sink_port: int
     user: str
     password: str
-
-    @property
-    def config_dir(self) -> Path:
-        return self.root / "etc"
-
-    @property
-    def queue_dir(self) -> Path:
-        return self.root / "spool"
-
-    @property
-    def cert_file(self) -> Path:
-        return self.config_dir / "cert.pem"
-
-    @property
-    def key_file(self) -> Path:
-        return self.config_dir / "key.pem"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "log" / "maillog"
-
-    def master_pid(self) -> int | None:
-        """The master daemon's pid, or None if it is not running. The pid file alone
-        could name a recycled pid (of someone else's process, which stop() would then
-        kill); this instance's master is the process whose working directory is its
-        queue directory."""
-        try:
-            pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
-            running_in = os.readlink(f"/proc/{pid}/cwd")
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if running_in == str(self.queue_dir) else None
 
     def pids(self) -> list[int]:
         """Master and all its live children, for CPU and memory accounting."""
@@ -152,23 +90,8 @@ def version() -> str:
 
 def _main_cf(peer: PostfixPeer, message_size_limit: int) -> str:
     """main.cf: a null client for local mail, a relay for authenticated submitters."""
-    root = peer.root
     return f"""\
-compatibility_level = 3.6
-queue_directory = {peer.queue_dir}
-data_directory = {root / "data"}
-meta_directory = /etc/postfix
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = {peer.log_file}
-maillog_file_prefixes = {root}
-myhostname = {HOSTNAME}
-mydomain = bench.test
-myorigin = $myhostname
-mydestination =
+{main_cf_paths(peer, HOSTNAME, "bench.test")}\
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 mynetworks = 127.0.0.1/32
@@ -185,11 +108,7 @@ message_size_limit = {message_size_limit}
 smtpd_tls_cert_file = {peer.cert_file}
 smtpd_tls_key_file = {peer.key_file}
 smtpd_tls_security_level = may
-smtpd_sasl_type = cyrus
-smtpd_sasl_path = smtpd
-cyrus_sasl_config_path = {peer.config_dir / "sasl"}
-smtpd_sasl_security_options = noanonymous
-smtpd_relay_restrictions = permit_sasl_authenticated, reject
+{main_cf_sasl(peer)}\
 smtpd_recipient_restrictions = permit_sasl_authenticated, reject
 """
 
@@ -204,36 +123,7 @@ def _master_cf(peer: PostfixPeer) -> str:
   -o smtpd_tls_auth_only=yes
   -o smtpd_client_restrictions=permit_sasl_authenticated,reject
   -o smtpd_relay_restrictions=permit_sasl_authenticated,reject
-{_SERVICES}"""
-
-
-def _write_sasl(peer: PostfixPeer) -> None:
-    """sasldb with the one test user, and smtpd.conf pointing Cyrus SASL at it."""
-    sasl_dir = peer.config_dir / "sasl"
-    sasl_dir.mkdir()
-    db = sasl_dir / "sasldb2"
-    local, _, domain = peer.user.partition("@")
-    subprocess.run(
-        ["saslpasswd2", "-f", str(db), "-p", "-c", "-u", domain, local],
-        input=peer.password,
-        text=True,
-        check=True,
-    )
-    # smtpd reads the database after dropping to the postfix user.
-    os.chown(db, 0, grp.getgrnam("postfix").gr_gid)
-    db.chmod(0o640)
-    (sasl_dir / "smtpd.conf").write_text(
-        f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
-        f"mech_list: PLAIN LOGIN\nsasldb_path: {db}\n"
-    )
-
-
-def _check_traversable(path: Path) -> None:
-    """The postfix user must walk down to data/, sasl/ and log/; a parent made by
-    mkdtemp (mode 0700) would stop it with a bare "Permission denied" in the log."""
-    for directory in [path, *path.parents]:
-        if not directory.stat().st_mode & 0o001:
-            raise PostfixError(f"{directory} is not searchable by others (chmod o+x it)")
+{services()}"""
 
 
 def setup(
@@ -250,14 +140,7 @@ def setup(
     `cert_pair` (cert, key) reuses a certificate the other servers also get."""
     ensure_installed()
     peer = PostfixPeer(root=root, port=port, sink_port=sink_port, user=user, password=password)
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o755)
-    _check_traversable(root)
-    for sub in ("etc", "spool", "log"):
-        (root / sub).mkdir()
-    postfix_user = pwd.getpwnam("postfix")
-    (root / "data").mkdir(mode=0o700)
-    os.chown(root / "data", postfix_user.pw_uid, postfix_user.pw_gid)
+    make_directories(peer)
     if cert_pair:
         shutil.copyfile(cert_pair[0], peer.cert_file)
         shutil.copyfile(cert_pair[1], peer.key_file)
@@ -266,64 +149,18 @@ def setup(
         make_self_signed(peer.cert_file, peer.key_file, HOSTNAME, key_type)
     (peer.config_dir / "main.cf").write_text(_main_cf(peer, message_size_limit))
     (peer.config_dir / "master.cf").write_text(_master_cf(peer))
-    _write_sasl(peer)
+    write_sasl(peer, user, password)
     return peer
-
-
-def _postfix(peer: PostfixPeer, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["postfix", "-c", str(peer.config_dir), *args], capture_output=True, text=True
-    )
-
-
-def _diagnose(peer: PostfixPeer) -> str:
-    """Postfix's own complaint: `postfix check` prints to a terminal only, hence script."""
-    command = f"postfix -c {peer.config_dir} check"
-    result = subprocess.run(
-        ["script", "-qec", command, "/dev/null"], capture_output=True, text=True
-    )
-    log = peer.log_file.read_text()[-2000:] if peer.log_file.exists() else ""
-    return f"postfix check: {result.stdout.strip()}\nmaillog tail:\n{log}"
 
 
 def start(peer: PostfixPeer, timeout: float = 20.0) -> None:
     """Start the instance and wait until its submission port answers."""
-    result = _postfix(peer, "start")
-    if result.returncode != 0:
-        raise PostfixError(f"postfix start failed: {result.stderr.strip()}\n{_diagnose(peer)}")
-    if not wait_for_port(peer.port, timeout):
-        raise PostfixError(f"postfix did not listen on {peer.port}\n{_diagnose(peer)}")
-
-
-def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
-    """True once something accepts TCP connections on host:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return True
-        except OSError:
-            time.sleep(0.1)
-    return False
-
-
-def stop(peer: PostfixPeer, timeout: float = 15.0) -> None:
-    """Stop the instance; kill its tree if the master does not exit in time."""
-    pids = peer.pids()
-    if not pids:
-        return
-    _postfix(peer, "stop")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and Path(f"/proc/{pids[0]}").exists():
-        time.sleep(0.1)
-    for pid in peer.pids():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    start_instance(peer, peer.port, timeout=timeout)
 
 
 def destroy(peer: PostfixPeer) -> None:
     """Stop the instance and delete its directory."""
-    stop(peer)
+    peer.stop()
     shutil.rmtree(peer.root, ignore_errors=True)
 
 

@@ -11,9 +11,11 @@ process of the tree therefore counts each CPU second once, exited children inclu
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -128,3 +130,29 @@ def machine_busy_seconds() -> float:
     # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
     ticks = [int(x) for x in fields[:8]]
     return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+class Sampler:
+    """Calls sample() every `interval` seconds in a daemon thread, from entering the
+    `with` block until leaving it (which waits for the thread). Subclasses keep what
+    they sample (a peak, a timeline)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        raise NotImplementedError

@@ -33,7 +33,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,15 @@ from statistics import mean
 from typing import Any
 
 import postfix_peer
-from proctree import Memory, cpu_seconds, machine_busy_seconds, tree_memory, tree_pids
+from postfix_instance import PostfixError, wait_for_port
+from proctree import (
+    Memory,
+    Sampler,
+    cpu_seconds,
+    machine_busy_seconds,
+    tree_memory,
+    tree_pids,
+)
 from sink import check, read_pairs
 from tlscert import KEY_TYPES, make_self_signed
 
@@ -99,16 +106,21 @@ def free_port() -> int:
 # submitd: EDIT HERE as the server's command line and configuration grow.
 # ---------------------------------------------------------------------------------------
 # The [tls] section gives submitd the same certificate (same key type) as Postfix: in
-# scenario a the handshake is a large part of the CPU per message.
-SUBMITD_CONFIG = """\
-hostname = "bench.example.test"
-data_dir = "{tmpdir}/submitd-data"
+# scenario a the handshake is a large part of the CPU per message. These first lines
+# (one STARTTLS listener on loopback, that certificate) are soak.py's too.
+SUBMITD_LISTENER_CONFIG = """\
+hostname = "{hostname}"
+data_dir = "{data_dir}"
 [listen]
 submission = ["127.0.0.1:{port}"]
 submissions = []
 [tls]
 cert = "{cert}"
 key = "{key}"
+"""
+SUBMITD_CONFIG = (
+    SUBMITD_LISTENER_CONFIG
+    + """\
 [policy.users."bench@example.test"]
 messages_per_hour = 0
 recipients_per_day = 0
@@ -125,6 +137,7 @@ host = "127.0.0.1"
 port = {sink_port}
 tls = "none"
 """
+)
 # Connection limits per address are lifted as well: the load comes from one address,
 # and Postfix's anvil limits are off by default (smtpd_client_connection_rate_limit = 0).
 # Both servers relay to the same sink in cleartext, as Postfix's relayhost does here.
@@ -148,6 +161,26 @@ def submitd_command() -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-c", "from submitd.cli import main; main()"], env
 
 
+def add_user(
+    command: list[str],
+    config: Path,
+    user: str,
+    password: str,
+    env: dict[str, str] | None = None,
+) -> str | None:
+    """`submitd user add USER --password-stdin --config CONFIG` (`command` is how to run
+    submitd); None if it worked, else what it wrote to stderr. soak.py uses it too."""
+    added = subprocess.run(
+        [*command, "user", "add", user, "--password-stdin", "--config", str(config)],
+        input=password,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    return None if added.returncode == 0 else added.stderr
+
+
 def start_submitd(tmpdir: Path, sink_port: int) -> ServerHandle:
     """Write submitd's config, add the bench user, start `submitd serve`; raise
     ServerUnavailable (with submitd's own words) if any step fails."""
@@ -155,7 +188,8 @@ def start_submitd(tmpdir: Path, sink_port: int) -> ServerHandle:
     config = tmpdir / "submitd.toml"
     config.write_text(
         SUBMITD_CONFIG.format(
-            tmpdir=tmpdir,
+            hostname=TLS_NAME,
+            data_dir=tmpdir / "submitd-data",
             port=port,
             sink_port=sink_port,
             cert=tmpdir / "cert.pem",
@@ -163,16 +197,9 @@ def start_submitd(tmpdir: Path, sink_port: int) -> ServerHandle:
         )
     )
     command, env = submitd_command()
-    added = subprocess.run(
-        [*command, "user", "add", USER, "--password-stdin", "--config", str(config)],
-        input=PASSWORD,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    if added.returncode != 0:
-        raise ServerUnavailable(f"`submitd user add` failed: {_tail(added.stderr)}")
+    failed = add_user(command, config, USER, PASSWORD, env)
+    if failed is not None:
+        raise ServerUnavailable(f"`submitd user add` failed: {_tail(failed)}")
     log = tmpdir / "submitd.log"
     with log.open("w") as handle:
         process = subprocess.Popen(
@@ -212,7 +239,7 @@ def _wait_listening(process: subprocess.Popen[Any], port: int, timeout: float = 
     """True once `port` accepts connections; False if the process died or time ran out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        if postfix_peer.wait_for_port(port, 0.2):
+        if wait_for_port(port, 0.2):
             return True
     return False
 
@@ -243,15 +270,15 @@ def start_postfix(tmpdir: Path, sink_port: int) -> ServerHandle:
     )
     try:
         postfix_peer.start(peer)
-    except postfix_peer.PostfixError as error:
-        postfix_peer.stop(peer)
+    except PostfixError as error:
+        peer.stop()
         raise ServerUnavailable(str(error)) from None
     return ServerHandle(
         name="postfix",
         port=peer.port,
         version=postfix_peer.version(),
         root_pid=peer.master_pid,
-        stop=lambda: postfix_peer.stop(peer),
+        stop=peer.stop,
         cafile=str(peer.cert_file),
     )
 
@@ -313,31 +340,22 @@ def start_sink(tmpdir: Path) -> Sink:
     return Sink(process=process, port=port, records=records)
 
 
-class PeakMemory:
+class PeakMemory(Sampler):
     """Samples the memory of a process tree in a thread and keeps the peak; the
     samples are sparse (0.5 s) so the sampler costs next to nothing."""
 
     def __init__(self, root_pid: int | None, interval: float = 0.5) -> None:
+        super().__init__(interval)
         self.root_pid = root_pid
-        self.interval = interval
         self.peak = Memory(0, 0, 0)  # the maximum of each field over the samples
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while self.root_pid and not self._stop.wait(self.interval):
-            now, peak = tree_memory(self.root_pid), self.peak
-            self.peak = Memory(
-                max(now.rss, peak.rss), max(now.pss, peak.pss), max(now.processes, peak.processes)
-            )
+    def sample(self) -> None:
+        if not self.root_pid:  # no server process: nothing to sample
+            return
+        now, peak = tree_memory(self.root_pid), self.peak
+        self.peak = Memory(
+            max(now.rss, peak.rss), max(now.pss, peak.pss), max(now.processes, peak.processes)
+        )
 
 
 @dataclass

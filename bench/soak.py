@@ -46,8 +46,8 @@ At the end the clients leave and it checks, exit status 1 on any violation:
   queue row;
 - no good client saw an error, and no wrong password was ever accepted.
 
-crashloop.py and idle_sessions.py import the server handle, the clients and the queue
-check from here.
+crashloop.py and idle_sessions.py import the server handle, the clients, the queue
+check and what runs around the load (main_on_submitd, scratch_directory) from here.
 """
 
 from __future__ import annotations
@@ -72,14 +72,14 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import evloop
 import loadgen
-from run import free_port
+from run import SUBMITD_LISTENER_CONFIG, add_user, free_port
 from submitd.store.queue import read_message_bytes
 from tlscert import make_self_signed
 
@@ -105,21 +105,16 @@ NO_UVLOOP_MAIN = (
     "main()\n"
 )
 
-BASE_CONFIG = """\
-hostname = "{hostname}"
-data_dir = "{data_dir}"
-[listen]
-submission = ["127.0.0.1:{port}"]
-submissions = []
-[tls]
-cert = "{cert}"
-key = "{key}"
+BASE_CONFIG = (
+    SUBMITD_LISTENER_CONFIG
+    + """\
 [delivery]
 enabled = false
 [policy]
 messages_per_hour = 0
 recipients_per_day = 0
 """
+)
 
 
 def log(text: str) -> None:
@@ -193,18 +188,9 @@ class Submitd:
             + self.extra_config
         )
         for login, password in users.items():
-            added = subprocess.run(
-                self.cli("user", "add", login, "--password-stdin"),
-                input=password,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            if added.returncode != 0:
-                raise RuntimeError(f"submitd user add failed: {added.stderr.strip()}")
-
-    def cli(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "submitd", *args, "--config", str(self.config_path)]
+            failed = add_user([sys.executable, "-m", "submitd"], self.config_path, login, password)
+            if failed is not None:
+                raise RuntimeError(f"submitd user add failed: {failed.strip()}")
 
     def command(self) -> list[str]:
         main = ["-m", "submitd"] if self.uvloop else ["-c", NO_UVLOOP_MAIN]
@@ -878,6 +864,77 @@ def bad_addresses(count: int) -> list[str]:
     return [str(base + 2048 * n + 1 + (n % 200)) for n in range(count)]
 
 
+# --- what soak.py, crashloop.py and idle_sessions.py run around their load -------------------
+
+
+@contextlib.contextmanager
+def scratch_directory(name: str, keep: bool) -> Iterator[Path]:
+    """A new temporary directory `submitd-NAME-*`, removed at the end unless `keep`. A
+    SIGTERM ends the program through the callers' `finally`, so servers still stop."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server
+    root = Path(tempfile.mkdtemp(prefix=f"submitd-{name}-"))
+    try:
+        yield root
+    finally:
+        if keep:
+            log(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+class Verdict(Protocol):
+    """A run's result: a dataclass whose `violations` are empty when all went well."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    violations: list[str]
+
+
+VerdictT = TypeVar("VerdictT", bound=Verdict)
+
+
+def add_driver_options(parser: argparse.ArgumentParser, json_what: str) -> None:
+    """--json-out and --keep, the options main_on_submitd reads."""
+    parser.add_argument("--json-out", type=Path, help=f"write the result {json_what} as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+
+def main_on_submitd(
+    args: argparse.Namespace,
+    name: str,
+    server_in: Callable[[Path], Submitd],
+    load: Callable[[argparse.Namespace, Submitd], Coroutine[Any, Any, VerdictT]],
+    report: Callable[[VerdictT], None],
+) -> int:
+    """soak's and crashloop's main(): a submitd (`server_in` the scratch directory) with
+    the one user, `load` on the bench's event loop (it starts the server), the server
+    stopped; then `report`, the result as JSON with --json-out, and the exit status
+    (1 if there was any violation)."""
+    with scratch_directory(name, args.keep) as root:
+        server = server_in(root)
+        try:
+            server.prepare({USER: PASSWORD})
+            result = evloop.run(load(args, server))
+        finally:
+            server.stop()
+    report(result)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(asdict(result), indent=2))
+    return 1 if result.violations else 0
+
+
+def print_outcomes(heading: str, outcomes: dict[str, int], violations: list[str], ok: str) -> None:
+    """The end of a report: client outcomes by count, then the violations, or `ok`."""
+    print(heading)
+    for text, count in outcomes.items():
+        print(f"    {count:7d}  {text}")
+    if violations:
+        print("VIOLATIONS:")
+        for text in violations:
+            print(f"  - {text}")
+    else:
+        print(ok)
+
+
 # --- the soak --------------------------------------------------------------------------------
 
 
@@ -919,6 +976,8 @@ def abuse_config_for_soak() -> str:
 
 
 async def soak(args: argparse.Namespace, server: Submitd) -> SoakResult:
+    server.start()
+    log(f"submitd pid {server.pid} on 127.0.0.1:{server.port}, data in {server.root}")
     target = Target(server.port, str(server.cafile))
     duration = args.minutes * 60
     warmup = min(60.0, duration / 4)
@@ -1093,15 +1152,7 @@ def print_report(result: SoakResult) -> None:
         f"{result.after_clients_left}"
     )
     print(f"  queue: {result.queue['summary']}")
-    print("  client outcomes:")
-    for text, count in result.outcomes.items():
-        print(f"    {count:7d}  {text}")
-    if result.violations:
-        print("VIOLATIONS:")
-        for text in result.violations:
-            print(f"  - {text}")
-    else:
-        print("OK: no violation")
+    print_outcomes("  client outcomes:", result.outcomes, result.violations, "OK: no violation")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1116,31 +1167,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--rss-limit-mb", type=float, default=50.0, help="allowed RSS growth after warm-up")
     add("--fd-slack", type=int, default=10, help="allowed fd difference from the baseline")
     add("--no-uvloop", action="store_true", help="run the server on the asyncio loop")
-    add("--json-out", type=Path, help="write the result (with every sample) as JSON")
-    add("--keep", action="store_true", help="keep the temporary directory")
+    add_driver_options(parser, "(with every sample)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop the server
-    root = Path(tempfile.mkdtemp(prefix="submitd-soak-"))
-    server = Submitd(root, abuse_config_for_soak(), uvloop=not args.no_uvloop)
-    try:
-        server.prepare({USER: PASSWORD})
-        server.start()
-        log(f"submitd pid {server.pid} on 127.0.0.1:{server.port}, data in {root}")
-        result = evloop.run(soak(args, server))
-    finally:
-        server.stop()
-        if args.keep:
-            log(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-    print_report(result)
-    if args.json_out:
-        args.json_out.write_text(json.dumps(asdict(result), indent=2))
-    return 1 if result.violations else 0
+    return main_on_submitd(
+        args,
+        "soak",
+        lambda root: Submitd(root, abuse_config_for_soak(), uvloop=not args.no_uvloop),
+        soak,
+        print_report,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""A throw-away self-signed certificate for the servers under test.
+"""A throw-away self-signed certificate for the servers under test (also the one the
+delivery tests' Postfix smarthost gets: tests/delivery/postfix_fixture.py imports this
+module as `bench.tlscert`, so it must import nothing from the rest of bench/).
 
 Both servers get the same key type (and, where their configuration allows, the same
 pair), because in a one-message-per-connection run the TLS handshake is a large share
@@ -28,9 +30,13 @@ def _new_key(key_type: str) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
     raise ValueError(f"key type must be one of {KEY_TYPES}, not {key_type!r}")
 
 
-def make_self_signed(cert_path: Path, key_path: Path, hostname: str, key_type: str = "ec") -> None:
-    """Write a PEM certificate valid for `hostname`, localhost and 127.0.0.1, so a
-    client can verify it with --cafile instead of switching verification off."""
+def make_self_signed(
+    cert_path: Path, key_path: Path, hostname: str, key_type: str = "ec", days: int = 30
+) -> None:
+    """Write a PEM certificate (its own CA) valid for `hostname`, localhost and
+    127.0.0.1 for `days` days, so a client can verify it with --cafile instead of
+    switching verification off. The key file is private (0600), the certificate
+    readable by all (0644)."""
     key = _new_key(key_type)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = dt.datetime.now(dt.UTC)
@@ -48,7 +54,7 @@ def make_self_signed(cert_path: Path, key_path: Path, hostname: str, key_type: s
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(san, critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
@@ -62,3 +68,4 @@ def make_self_signed(cert_path: Path, key_path: Path, hostname: str, key_type: s
     )
     key_path.chmod(0o600)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.chmod(0o644)

@@ -25,26 +25,24 @@ What a delivered message holds, compared with the DATA the client sent:
   unchanged (pipe does no MIME conversion).
 `split_received()` separates the two.
 
-Gotchas (see /work/shared/notes/test-peers.md and bench/postfix_peer.py, whose set-up this
-follows): there is no syslog, so the log goes to `maillog_file` through postlogd; every
-service runs unchrooted; the sasldb must be readable by the postfix group; `postfix start`
-prints configuration errors only to a terminal, so on failure `postfix check` is re-run
-under `script` to show them; pipe refuses to run commands as root or as the mail owner,
-so the delivery command runs as `nobody`.
+The directory layout, the main.cf lines about paths and SASL, the services, the sasldb,
+start, stop and Postfix's diagnosis are bench/postfix_instance.py's, shared with the
+benchmark's Postfix (bench/postfix_peer.py), and the certificate is bench/tlscert.py's;
+both modules import nothing from the rest of bench/, so they load here as `bench.*`
+from the repository root (on pytest's path). The gotchas of running Postfix like this
+are described there; one more is this fixture's own: pipe refuses to run commands as
+root or as the mail owner, so the delivery command runs as `nobody`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,12 +51,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bench.postfix_instance import (
+    PostfixError,
+    PostfixInstance,
+    main_cf_paths,
+    main_cf_sasl,
+    make_directories,
+    services,
+    start,
+    tool,
+    write_sasl,
+)
+from bench.tlscert import make_self_signed
 
 TLS_NAME = "postfix.test"
 SASL_DOMAIN = "postfix.test"
 DELIVERY_USER = "nobody"
-# The Debian packages CI installs (preseed: see ensure_tools' error message).
-PACKAGES = ("postfix", "sasl2-bin", "libsasl2-modules")
 
 # Run by Postfix's pipe(8) as `nobody`, once per delivery (all recipients of one message
 # arrive together: the transport's nexthop is fixed). argv: mailbox, queue id, sender,
@@ -86,37 +94,7 @@ except OSError as error:
     sys.exit(75)  # EX_TEMPFAIL: Postfix defers and retries
 """
 
-# The unix-domain services of Debian's master.cf.proto that this instance needs, all with
-# chroot "n" (a chroot would need copies of the SASL database and libraries).
-_SERVICES = """\
-pickup     unix  n  -  n  60    1  pickup
-cleanup    unix  n  -  n  -     0  cleanup
-qmgr       unix  n  -  n  300   1  qmgr
-tlsmgr     unix  -  -  n  1000? 1  tlsmgr
-rewrite    unix  -  -  n  -     -  trivial-rewrite
-bounce     unix  -  -  n  -     0  bounce
-defer      unix  -  -  n  -     0  bounce
-trace      unix  -  -  n  -     0  bounce
-verify     unix  -  -  n  -     1  verify
-flush      unix  n  -  n  1000? 0  flush
-proxymap   unix  -  -  n  -     -  proxymap
-proxywrite unix  -  -  n  -     1  proxymap
-smtp       unix  -  -  n  -     -  smtp
-relay      unix  -  -  n  -     -  smtp
-showq      unix  n  -  n  -     -  showq
-error      unix  -  -  n  -     -  error
-retry      unix  -  -  n  -     -  error
-discard    unix  -  -  n  -     -  discard
-anvil      unix  -  -  n  -     1  anvil
-scache     unix  -  -  n  -     1  scache
-postlog    unix-dgram n  -  n  -  1  postlogd
-"""
-
 _QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold")
-
-
-class PostfixError(RuntimeError):
-    """The instance could not be set up or started, or a wait timed out; says why."""
 
 
 @dataclass(frozen=True)
@@ -130,10 +108,9 @@ class DeliveredMessage:
 
 
 @dataclass
-class PostfixSmarthost:
+class PostfixSmarthost(PostfixInstance):
     """A running private Postfix: where to reach it, how to log in, what it delivered."""
 
-    root: Path
     host: str
     port: int
     cafile: Path
@@ -142,28 +119,8 @@ class PostfixSmarthost:
     password: str
 
     @property
-    def config_dir(self) -> Path:
-        return self.root / "etc"
-
-    @property
-    def queue_dir(self) -> Path:
-        return self.root / "spool"
-
-    @property
-    def key_file(self) -> Path:
-        return self.config_dir / "key.pem"
-
-    @property
     def mailbox_dir(self) -> Path:
         return self.root / "mailbox"
-
-    @property
-    def log_file(self) -> Path:
-        return self.root / "log" / "maillog"
-
-    def log_text(self) -> str:
-        """Postfix's log so far (for a failing test to print)."""
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def client_context(self) -> ssl.SSLContext:
         """A client TLS context that verifies this instance's certificate."""
@@ -214,30 +171,6 @@ class PostfixSmarthost:
         for path in (self.mailbox_dir / "new").iterdir():
             path.unlink()
 
-    def master_pid(self) -> int | None:
-        """The master daemon's pid, or None if it is not running. The pid file alone
-        could name a recycled pid: this instance's master is the process whose working
-        directory is its queue directory."""
-        try:
-            pid = int((self.queue_dir / "pid" / "master.pid").read_text().split()[0])
-            running_in = os.readlink(f"/proc/{pid}/cwd")
-        except (OSError, ValueError, IndexError):
-            return None
-        return pid if running_in == str(self.queue_dir) else None
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """`postfix -c DIR stop`; kill the master if it does not exit in time."""
-        pid = self.master_pid()
-        if pid is None:
-            return
-        _postfix(self.config_dir, "stop")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
-        if self.master_pid() == pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)  # the master leads its own process group
-
 
 def split_received(data: bytes) -> tuple[bytes, bytes]:
     """(the Received field Postfix prepended, the rest: the client's message)."""
@@ -274,97 +207,9 @@ def postfix_installed() -> bool:
     return shutil.which("postfix") is not None or Path("/usr/sbin/postfix").exists()
 
 
-def _tool(name: str) -> str:
-    """Absolute path of a program, also when /usr/sbin is not on PATH."""
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
-    if found is None:
-        raise PostfixError(
-            f"{name} not found: install the Debian packages {' '.join(PACKAGES)} "
-            "(preseed `postfix postfix/main_mailer_type select No configuration`)"
-        )
-    return found
-
-
-def _postfix(config_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [_tool("postfix"), "-c", str(config_dir), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def _diagnose(smarthost: PostfixSmarthost) -> str:
-    """Postfix's own complaint: `postfix check` prints to a terminal only, hence script."""
-    command = f"{_tool('postfix')} -c {smarthost.config_dir} check"
-    result = subprocess.run(
-        ["script", "-qec", command, "/dev/null"], capture_output=True, text=True, timeout=60
-    )
-    return f"postfix check: {result.stdout.strip()}\nmaillog tail:\n{smarthost.log_text()[-4000:]}"
-
-
-def _make_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
-    """A PEM certificate (its own CA) for `hostname`, localhost and 127.0.0.1."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = dt.datetime.now(dt.UTC)
-    san = x509.SubjectAlternativeName(
-        [
-            x509.DNSName(hostname),
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=7))
-        .add_extension(san, critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.chmod(0o644)
-
-
 def _main_cf(smarthost: PostfixSmarthost) -> str:
-    root = smarthost.root
     return f"""\
-compatibility_level = 3.6
-queue_directory = {smarthost.queue_dir}
-data_directory = {root / "data"}
-meta_directory = /etc/postfix
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file = {smarthost.log_file}
-maillog_file_prefixes = {root}
-myhostname = {TLS_NAME}
-mydomain = {TLS_NAME}
-myorigin = $myhostname
-mydestination =
+{main_cf_paths(smarthost, TLS_NAME, TLS_NAME)}\
 relay_domains =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
@@ -395,12 +240,7 @@ smtpd_tls_key_file = {smarthost.key_file}
 smtpd_tls_security_level = encrypt
 smtpd_sasl_auth_enable = yes
 smtpd_tls_auth_only = yes
-smtpd_sasl_type = cyrus
-smtpd_sasl_path = smtpd
-cyrus_sasl_config_path = {smarthost.config_dir / "sasl"}
-smtpd_sasl_security_options = noanonymous
-smtpd_relay_restrictions = permit_sasl_authenticated, reject
-"""
+{main_cf_sasl(smarthost)}"""
 
 
 def _master_cf(smarthost: PostfixSmarthost, python: str) -> str:
@@ -411,36 +251,7 @@ def _master_cf(smarthost: PostfixSmarthost, python: str) -> str:
 catchall unix - n n - - pipe
   flags=X user={DELIVERY_USER} null_sender= eol=\\r\\n
   argv={python} -I -S {script} {smarthost.mailbox_dir} ${{queue_id}} ${{sender}} ${{recipient}}
-{_SERVICES}"""
-
-
-def _write_sasl(smarthost: PostfixSmarthost) -> None:
-    """sasldb with the one user, and smtpd.conf pointing Cyrus SASL at it."""
-    sasl_dir = smarthost.config_dir / "sasl"
-    sasl_dir.mkdir()
-    db = sasl_dir / "sasldb2"
-    local, _, domain = smarthost.username.partition("@")
-    subprocess.run(
-        [_tool("saslpasswd2"), "-f", str(db), "-p", "-c", "-u", domain, local],
-        input=smarthost.password,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    # smtpd reads the database after dropping to the postfix user.
-    os.chown(db, 0, grp.getgrnam("postfix").gr_gid)
-    db.chmod(0o640)
-    (sasl_dir / "smtpd.conf").write_text(
-        f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
-        f"mech_list: PLAIN LOGIN\nsasldb_path: {db}\n"
-    )
-
-
-def _check_traversable(path: Path) -> None:
-    """The postfix and nobody users must walk down into the root."""
-    for directory in [path, *path.parents]:
-        if not directory.stat().st_mode & 0o001:
-            raise PostfixError(f"{directory} is not searchable by others (chmod o+x it)")
+{services(omit={"local"})}"""
 
 
 def _python_for_nobody() -> str:
@@ -455,54 +266,36 @@ def start_smarthost(root: Path | None = None, timeout: float = 20.0) -> PostfixS
     """Set up a new instance under `root` (default: a new temporary directory; it must be
     empty or absent and searchable by others) and start it. Needs root privileges."""
     for name in ("postfix", "postconf", "saslpasswd2"):
-        _tool(name)
+        tool(name)
     if os.geteuid() != 0:
         raise PostfixError("starting a private Postfix instance needs root")
     root = root or Path(tempfile.mkdtemp(prefix="submitd-postfix-"))
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o755)
-    _check_traversable(root)
-    config_dir = root / "etc"
     smarthost = PostfixSmarthost(
         root=root,
         host="127.0.0.1",
         port=free_port(),
-        cafile=config_dir / "cert.pem",
+        cafile=root / "etc" / "cert.pem",
         tls_name=TLS_NAME,
         username=f"relay@{SASL_DOMAIN}",
         password=secrets.token_urlsafe(18),
     )
-    for sub in ("etc", "spool", "log", "bin"):
-        (root / sub).mkdir()
-    postfix_user = pwd.getpwnam("postfix")
-    (root / "data").mkdir(mode=0o700)
-    os.chown(root / "data", postfix_user.pw_uid, postfix_user.pw_gid)
+    make_directories(smarthost, extra=["bin"])
     delivery_user = pwd.getpwnam(DELIVERY_USER)
     for sub in ("", "tmp", "new"):
         directory = smarthost.mailbox_dir / sub
         directory.mkdir(mode=0o700)
         os.chown(directory, delivery_user.pw_uid, delivery_user.pw_gid)
     (root / "bin" / "deliver.py").write_text(_DELIVER_SCRIPT)
-    _make_self_signed(smarthost.cafile, smarthost.key_file, TLS_NAME)
-    (config_dir / "main.cf").write_text(_main_cf(smarthost))
-    (config_dir / "master.cf").write_text(_master_cf(smarthost, _python_for_nobody()))
-    _write_sasl(smarthost)
-
-    result = _postfix(config_dir, "start")
-    if result.returncode != 0:
-        raise PostfixError(f"postfix start failed: {result.stderr.strip()}\n{_diagnose(smarthost)}")
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((smarthost.host, smarthost.port), timeout=1):
-                return smarthost
-        except OSError:
-            if time.monotonic() >= deadline:
-                smarthost.stop()
-                raise PostfixError(
-                    f"postfix did not listen on {smarthost.port}\n{_diagnose(smarthost)}"
-                ) from None
-            time.sleep(0.05)
+    make_self_signed(smarthost.cafile, smarthost.key_file, TLS_NAME, "ec", days=7)
+    (smarthost.config_dir / "main.cf").write_text(_main_cf(smarthost))
+    (smarthost.config_dir / "master.cf").write_text(_master_cf(smarthost, _python_for_nobody()))
+    write_sasl(smarthost, smarthost.username, smarthost.password)
+    try:
+        start(smarthost, smarthost.port, smarthost.host, timeout)
+    except PostfixError:
+        smarthost.stop()
+        raise
+    return smarthost
 
 
 @contextlib.contextmanager
