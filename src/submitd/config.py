@@ -194,7 +194,10 @@ class DeliveryConfig(_Section):
     default_route: str = "mx"
     domain_routes: dict[str, str] = Field(default_factory=dict)  # "example.org" -> route
     routes: dict[str, RouteConfig] = Field(default_factory=lambda: {"mx": RouteConfig(type="mx")})
-    concurrency: int = Field(default=20, ge=1)  # deliveries at once, in all
+    # Attempts in flight, in all (Postfix: default_process_limit = 100). An attempt holds
+    # its slot while it waits for a connection and for its outcome to be recorded: 20
+    # kept one smarthost route at ~1,200 msg/s while acceptance ran at ~1,800.
+    concurrency: int = Field(default=100, ge=1)
     per_destination: int = Field(default=4, ge=1)  # connections to one next hop
     retry_first: float = Field(default=60.0, gt=0)  # seconds; doubles each time
     retry_max: float = Field(default=3600.0, gt=0)
