@@ -99,6 +99,21 @@ def load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
 
 
 def _load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
+    head = _head(conn, queue_id)
+    return None if head is None else _with_pending(conn, head)
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    queue_id: str
+    envelope: Envelope
+    created: float
+    size: int
+    delay_notified: bool
+
+
+def _head(conn: sqlite3.Connection, queue_id: str) -> _Head | None:
+    """The queue row's envelope and times; makes the recipients' rows (a write)."""
     row = conn.execute(
         "SELECT envelope, created, size, delay_notified FROM queue WHERE id = ?",
         (queue_id,),
@@ -107,18 +122,23 @@ def _load(conn: sqlite3.Connection, queue_id: str) -> LeasedMessage | None:
         return None  # deleted meanwhile
     envelope = Envelope.from_json(json.loads(row[0]))
     _ensure_rows(conn, queue_id, envelope)
+    return _Head(queue_id, envelope, float(row[1]), int(row[2]), bool(row[3]))
+
+
+def _with_pending(conn: sqlite3.Connection, head: _Head) -> LeasedMessage:
     pending = conn.execute(
         """SELECT idx, attempts FROM deliveries
            WHERE queue_id = ? AND state = 'pending' ORDER BY idx""",
-        (queue_id,),
+        (head.queue_id,),
     ).fetchall()
+    recipients = head.envelope.recipients
     return LeasedMessage(
-        queue_id,
-        envelope,
-        float(row[1]),
-        int(row[2]),
-        bool(row[3]),
-        tuple(PendingRecipient(i, envelope.recipients[i], a) for i, a in pending),
+        head.queue_id,
+        head.envelope,
+        head.created,
+        head.size,
+        head.delay_notified,
+        tuple(PendingRecipient(i, recipients[i], a) for i, a in pending),
     )
 
 
@@ -131,16 +151,24 @@ def lease_and_load(
     database_dir: Path,
 ) -> list[tuple[LeasedMessage, StoredMessage]]:
     """Take up to `limit` due messages for `owner` (in due order) and load each with its
-    content, in one transaction: one trip to the worker thread and one commit for a
-    whole batch, where a message at a time cost two of each."""
+    content: one trip to the worker thread and one commit for a whole batch.
+
+    The write lock is held only for the lease and the recipients' rows; the contents
+    are read after the commit, in a read transaction (WAL: it blocks nobody). Acceptance
+    waits for that same lock to commit the messages mail clients are waiting on, and
+    SQLite's busy handler sleeps in steps of milliseconds: a long hold here was a p99
+    spike there.
+    """
     with transaction(conn):
         ids = _lease(conn, owner, now, limit, lease_seconds)
-        loaded = []
-        for queue_id in ids:
-            message = _load(conn, queue_id)
-            if message is not None:
-                loaded.append((message, stored_message(conn, queue_id, database_dir)))
-    return loaded
+        heads = [head for queue_id in ids if (head := _head(conn, queue_id)) is not None]
+    if not heads:
+        return []
+    with transaction(conn, write=False):
+        return [
+            (_with_pending(conn, head), stored_message(conn, head.queue_id, database_dir))
+            for head in heads
+        ]
 
 
 def _ensure_rows(conn: sqlite3.Connection, queue_id: str, envelope: Envelope) -> None:

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 BUSY_TIMEOUT_MS = 5000
+EAGER_RETRY = 0.0002  # seconds between tries of eager_write_transaction
 
 # Version N is MIGRATIONS[N - 1]. Append; never edit a migration that has shipped.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -224,6 +226,38 @@ def transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[Non
     try:
         yield
         conn.execute("COMMIT")  # a failed COMMIT (disk full, busy) may leave it open
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def eager_write_transaction(
+    conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT_MS / 1000
+) -> Iterator[None]:
+    """BEGIN IMMEDIATE retried every EAGER_RETRY seconds while another connection writes.
+
+    For the writer whose commits clients wait on (the queue). SQLite's own busy handler
+    sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between tries and serves no one first, so a
+    background writer that commits often (delivery bookkeeping) made acceptance lose
+    the lock several times running: p99 latency went from 9 to 23 ms. Trying every
+    0.2 ms, while the other writers keep the coarse handler, lets the waiting commit in
+    as soon as the lock is free: a priority SQLite itself does not offer. The
+    connection's own busy_timeout must be 0, or each try would wait in the handler.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            break
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+            time.sleep(EAGER_RETRY)
+    try:
+        yield
+        conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
