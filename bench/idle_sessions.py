@@ -11,7 +11,7 @@ exist before the baseline; then --sessions sessions are opened (STARTTLS + AUTH 
 divided by the number of sessions, is the cost of one idle authenticated TLS session.
 Then the sessions close and the RSS is read again (how much memory goes back).
 
-submitd has no switch for the event loop (server.install_event_loop_policy uses uvloop
+submitd has no switch for the event loop (runtime.install_event_loop_policy uses uvloop
 whenever it can be imported), so the asyncio run starts the server with `python -c`
 that replaces that function by a no-op before the CLI runs; which loop is really in use
 is confirmed from the server's /proc/PID/maps (uvloop's extension module mapped or not).

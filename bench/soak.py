@@ -95,7 +95,7 @@ BENCH_ID = re.compile(rb"^X-Bench-Id:[ \t]*(\S+)", re.MULTILINE | re.IGNORECASE)
 
 # `python -c` program that runs `submitd` exactly as the CLI does but leaves the default
 # asyncio event loop in place: the server has no switch for it (install_event_loop_policy
-# in src/submitd/server.py uses uvloop whenever it can be imported).
+# in src/submitd/runtime.py uses uvloop whenever it can be imported).
 # (`import submitd.cli.serve` would bind the click command of that name, not the module.)
 NO_UVLOOP_MAIN = (
     "import importlib\n"

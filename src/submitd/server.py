@@ -21,7 +21,6 @@ from pathlib import Path
 from submitd.auth.passwords import CredentialVerifier
 from submitd.config import Config, load_config, split_host_port
 from submitd.delivery.worker import DeliveryWorker
-from submitd.malloc import tune_allocator
 from submitd.policy.abuse import AbuseSettings, AuthThrottle, ConnectionLimiter
 from submitd.policy.limits import RateLimiter
 from submitd.smtp.session import AUTH_LINE_MAX, SessionSettings
@@ -49,18 +48,6 @@ def session_settings(config: Config) -> SessionSettings:
 
 def abuse_settings(config: Config) -> AbuseSettings:
     return AbuseSettings(**config.abuse.model_dump(exclude={"enabled"}))
-
-
-def install_event_loop_policy() -> None:
-    """uvloop when installed: less CPU per byte and far less memory per TLS session.
-    (And the allocator tuning of `submitd.malloc`, which every server process wants.)"""
-    tune_allocator()
-    try:
-        import uvloop
-    except ImportError:
-        log.info("uvloop not installed; using the asyncio event loop")
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 async def _open_listeners(

@@ -30,27 +30,9 @@ from tests.delivery.dovecot_fixture import (  # noqa: F401 (dovecot_fixture: the
     dovecot_fixture,
     free_port,
 )
+from tests.delivery.test_smtp_client import Stored
 
 SENDER = "sender@example.net"
-
-
-class BytesSource:
-    """A MessageSource over bytes, cut into pieces of `piece` octets, so that CRLFs and
-    dot lines fall across piece boundaries."""
-
-    def __init__(self, data: bytes, piece: int = 8192) -> None:
-        self.data = data
-        self.piece = piece
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    in_memory = True
-
-    def chunks(self) -> Iterator[bytes]:
-        for start in range(0, len(self.data), self.piece):
-            yield self.data[start : start + self.piece]
 
 
 def make_job(
@@ -64,7 +46,7 @@ def make_job(
 ) -> Job:
     rcpts = tuple(Recipient(address) for address in recipients)
     envelope = Envelope(sender=sender, recipients=list(rcpts), body=body, smtputf8=smtputf8)
-    return Job("Q1", envelope, rcpts, BytesSource(message, piece))
+    return Job("Q1", envelope, rcpts, Stored(message, piece))
 
 
 def deliver(settings: LmtpSettings, job: Job) -> list[Outcome]:

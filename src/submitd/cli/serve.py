@@ -13,7 +13,7 @@ from submitd.auth.passwords import PasswordHasher
 from submitd.cli.common import config_option, load_or_exit
 from submitd.config import Config, dev_config
 from submitd.observe.logging import configure_logging
-from submitd.server import install_event_loop_policy
+from submitd.runtime import install_event_loop_policy, tune_allocator
 from submitd.server import serve as run_server
 from submitd.store.database import connect
 from submitd.store.users import UserStore
@@ -32,6 +32,7 @@ def serve(config_path: Path | None, dev: bool) -> None:
     configure_logging(config.log.level, config.log.per_client_lines_per_minute)
     if dev:
         ensure_dev_user(config)
+    tune_allocator()
     install_event_loop_policy()
     asyncio.run(run_server(config, config_path=config_path))
 

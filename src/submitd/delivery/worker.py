@@ -36,6 +36,8 @@ from submitd.config import Config
 from submitd.delivery.notify import Notifier
 from submitd.delivery.router import Router
 from submitd.delivery.scheduler import Scheduler
+from submitd.observe.logging import configure_logging
+from submitd.runtime import install_event_loop_policy, tune_allocator
 from submitd.store.queue import Queue
 
 log = logging.getLogger("submitd.delivery")
@@ -209,10 +211,8 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent(parent)
     config: Config = pickle.loads(sys.stdin.buffer.read())
-    from submitd.observe.logging import configure_logging
-    from submitd.server import install_event_loop_policy
-
     configure_logging(config.log.level, config.log.per_client_lines_per_minute)
+    tune_allocator()
     install_event_loop_policy()
     wake_socket = socket.socket(fileno=descriptor)
     asyncio.run(_run(config, wake_socket))

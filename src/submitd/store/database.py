@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BUSY_TIMEOUT_MS = 5000
-EAGER_RETRY = 0.0002  # seconds between tries of eager_write_transaction
+EAGER_RETRY = 0.0002  # seconds between tries of an eager transaction
 
 # Version N is MIGRATIONS[N - 1]. Append; never edit a migration that has shipped.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -214,15 +214,20 @@ def _configure(conn: sqlite3.Connection) -> None:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[None]:
+def transaction(
+    conn: sqlite3.Connection, *, write: bool = True, eager: bool = False
+) -> Iterator[None]:
     """BEGIN ... COMMIT, or ROLLBACK on any exception.
 
     Writers use BEGIN IMMEDIATE: taking the write lock up front means busy_timeout
     applies at the start, instead of a read transaction failing to upgrade later with
     SQLITE_BUSY (which the busy handler cannot resolve). Readers use a deferred BEGIN
-    for one consistent snapshot across several SELECTs.
+    for one consistent snapshot across several SELECTs. `eager`: see `_begin_eagerly`.
     """
-    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    if eager:
+        _begin_eagerly(conn)
+    else:
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
     try:
         yield
         conn.execute("COMMIT")  # a failed COMMIT (disk full, busy) may leave it open
@@ -232,10 +237,7 @@ def transaction(conn: sqlite3.Connection, *, write: bool = True) -> Iterator[Non
         raise
 
 
-@contextmanager
-def eager_write_transaction(
-    conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT_MS / 1000
-) -> Iterator[None]:
+def _begin_eagerly(conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT_MS / 1000) -> None:
     """BEGIN IMMEDIATE retried every EAGER_RETRY seconds while another connection writes.
 
     For the writer whose commits clients wait on (the queue). SQLite's own busy handler
@@ -250,18 +252,11 @@ def eager_write_transaction(
     while True:
         try:
             conn.execute("BEGIN IMMEDIATE")
-            break
+            return
         except sqlite3.OperationalError as error:
             if error.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
                 raise
             time.sleep(EAGER_RETRY)
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

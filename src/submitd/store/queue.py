@@ -54,7 +54,7 @@ from typing import Any
 
 from submitd.config import QueueConfig
 from submitd.envelope import Envelope, SessionInfo
-from submitd.store.database import connect, eager_write_transaction
+from submitd.store.database import connect, transaction
 
 HEAD_MAX = 64 * 1024
 SPILL_CHUNK = 64 * 1024
@@ -279,7 +279,7 @@ class Queue:
         self._db_dir = db_path.parent.resolve()
         # Used only by the writer thread after this constructor.
         self._conn = connect(db_path, check_same_thread=False)
-        self._conn.execute("PRAGMA busy_timeout = 0")  # eager_write_transaction retries
+        self._conn.execute("PRAGMA busy_timeout = 0")  # its transactions retry eagerly
         self._pending: list[_Pending] = []
         self._wakeup = threading.Condition()
         self._closing = False
@@ -408,7 +408,7 @@ class Queue:
             )
             for item in items
         ]
-        with eager_write_transaction(self._conn):
+        with transaction(self._conn, eager=True):
             self._conn.executemany(_INSERT, rows)
 
     def _stored_path(self, path: Path) -> str:
